@@ -1,0 +1,255 @@
+"""The cluster planner on tables of clusters: which hosts, slots, vendor, backend, precision, master, ifnames."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("dsfleet_filters", ROOT / "filter_plugins" / "dsfleet.py")
+F = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(F)
+from ansible.errors import AnsibleFilterError  # noqa: E402
+
+
+def gpu(index, name, mem, cc=None, arch=None, vendor="nvidia", bf16=None):
+    if bf16 is None:
+        bf16 = (cc is not None and float(cc) >= 8.0) or (arch or "").startswith(("gfx90a", "gfx94"))
+    return {"index": index, "vendor": vendor, "name": name, "memory_mib": mem, "compute_capability": cc,
+            "arch": arch, "bf16": bf16, "uuid": None, "mig": False}
+
+
+A100 = lambda i: gpu(i, "NVIDIA A100-SXM4-80GB", 81920, "8.0")  # noqa: E731
+V100 = lambda i: gpu(i, "Tesla V100-SXM2-32GB", 32768, "7.0")  # noqa: E731
+RTX4090 = lambda i: gpu(i, "NVIDIA GeForce RTX 4090", 24564, "8.9")  # noqa: E731
+MI250 = lambda i: gpu(i, "AMD Instinct MI250X", 65536, arch="gfx90a", vendor="amd")  # noqa: E731
+
+
+def host(name, last_octet, gpus=(), vendor=None, cores=8, cpu_bf16=False, **extra):
+    record = {
+        "name": name, "address": "10.1.0.%d" % last_octet, "reachable": True, "local": False,
+        "gpu": {"accelerator": vendor or (gpus[0]["vendor"] if gpus else "cpu"), "gpus": list(gpus),
+                "cpu": {"model": "Xeon", "cores": cores, "memory_mib": 65536, "bf16": cpu_bf16}},
+        "interfaces": [{"name": "lo", "ipv4": ["127.0.0.1/8"]},
+                       {"name": "eth0", "ipv4": ["10.1.0.%d/24" % last_octet]},
+                       {"name": "docker0", "ipv4": ["172.17.0.1/16"]}],
+        "python": "/home/u/.dsfleet/venv/bin/python", "home": "/home/u/.dsfleet",
+    }
+    record.update(extra)
+    return record
+
+
+def localhost(cores=2, cpu_bf16=True):
+    record = host("localhost", 1, cores=cores, cpu_bf16=cpu_bf16, local=True)
+    record["address"] = "localhost"
+    return record
+
+
+# name, hosts, knobs, expected subset of the plan, expected per-host (name, slots, devices, ifname)
+CLUSTERS = [
+    ("mixed A100/V100 -> fp16, own slots each",
+     [host("a100", 11, [A100(i) for i in range(4)]), host("v100", 12, [V100(i) for i in range(2)])], {},
+     {"accelerator": "nvidia", "backend": "nccl", "precision": "fp16", "world_size": 6, "uneven": True,
+      "master": {"name": "a100", "address": "10.1.0.11", "port": 29500}, "min_device_memory_mib": 32768},
+     [("a100", 4, [0, 1, 2, 3], "eth0"), ("v100", 2, [0, 1], "eth0")]),
+    ("all Ampere or newer -> bf16",
+     [host("ws", 11, [RTX4090(0), RTX4090(1)]), host("srv", 12, [A100(i) for i in range(4)])], {},
+     {"accelerator": "nvidia", "precision": "bf16", "world_size": 6, "include": None},
+     [("ws", 2, [0, 1], "eth0"), ("srv", 4, [0, 1, 2, 3], "eth0")]),
+    ("NVIDIA + AMD -> the vendor with more memory, the other left out",
+     [host("nv", 11, [V100(0)]), host("amd", 12, [MI250(0), MI250(1)])], {},
+     {"accelerator": "amd", "backend": "nccl", "precision": "bf16", "world_size": 2, "ds_accelerator": "cuda"},
+     [("amd", 2, [0, 1], "eth0")]),
+    ("NVIDIA + AMD + CPU laptop, user picks nvidia",
+     [host("nv", 11, [V100(0)]), host("amd", 12, [MI250(0), MI250(1)]), host("laptop", 20)],
+     {"accelerator": "nvidia"},
+     {"accelerator": "nvidia", "world_size": 1, "precision": "fp16"},
+     [("nv", 1, [0], "eth0")]),
+    ("CPU only -> gloo, cpu_ranks each, fp32 without CPU bf16",
+     [host("c1", 11, cores=8), host("c2", 12, cores=4)], {"cpu_ranks": "2"},
+     {"accelerator": "cpu", "backend": "gloo", "precision": "fp32", "world_size": 4, "ds_accelerator": "cpu",
+      "env": {"GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "2"}},
+     [("c1", 2, None, "eth0"), ("c2", 2, None, "eth0")]),
+    ("CPU with bf16 on every host -> bf16",
+     [host("c1", 11, cpu_bf16=True), host("c2", 12, cpu_bf16=True)], {},
+     {"accelerator": "cpu", "precision": "bf16", "world_size": 4}, [("c1", 2, None, "eth0"), ("c2", 2, None, "eth0")]),
+    ("this machine alone -> loopback",
+     [localhost()], {},
+     {"accelerator": "cpu", "backend": "gloo", "world_size": 2, "master": {"name": "localhost",
+                                                                          "address": "127.0.0.1", "port": 29500},
+      "env": {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}},
+     [("localhost", 2, None, "lo")]),
+    ("gpus host var restricted to 0,2 -> --include keeps the indices",
+     [host("a", 11, [A100(0), A100(2)]), host("b", 12, [A100(0), A100(1)])], {},
+     {"world_size": 4, "include": "10.1.0.11:0,2@10.1.0.12:0,1"},
+     [("a", 2, [0, 2], "eth0"), ("b", 2, [0, 1], "eth0")]),
+    ("slots host var caps a host; excluded host named",
+     [host("a", 11, [A100(i) for i in range(4)], slots=2), host("b", 12, [A100(0)])], {"exclude": "b"},
+     {"world_size": 2, "nodes": 1}, [("a", 2, [0, 1], "eth0")]),
+    ("master knob reorders; rank 0 on the chosen host",
+     [host("a", 11, [A100(0)]), host("b", 12, [A100(0), A100(1)])], {"master": "b", "master_port": 29611},
+     {"master": {"name": "b", "address": "10.1.0.12", "port": 29611}},
+     [("b", 2, [0, 1], "eth0"), ("a", 1, [0], "eth0")]),
+    ("forced cpu on GPU hosts uses every host",
+     [host("a", 11, [A100(0)]), host("amd", 12, [MI250(0)])], {"accelerator": "cpu", "cpu_ranks": 1},
+     {"accelerator": "cpu", "backend": "gloo", "world_size": 2}, [("a", 1, None, "eth0"), ("amd", 1, None, "eth0")]),
+]
+
+
+@pytest.mark.parametrize("hosts,knobs,expected,per_host", [c[1:] for c in CLUSTERS], ids=[c[0] for c in CLUSTERS])
+def test_plan_table(hosts, knobs, expected, per_host):
+    plan = F.dsfleet_plan(hosts, knobs)
+    for key, value in expected.items():
+        if isinstance(value, dict) and key == "env":
+            for k, v in value.items():
+                assert plan["env"][k] == v, (k, plan["env"])
+        else:
+            assert plan[key] == value, (key, plan[key])
+    got = [(h["name"], h["slots"], h["devices"], h["ifname"]) for h in plan["hosts"]]
+    assert got == per_host
+    assert plan["world_size"] == sum(h["slots"] for h in plan["hosts"])
+    assert [h["first_rank"] for h in plan["hosts"]] == [sum(h2["slots"] for h2 in plan["hosts"][:i])
+                                                         for i in range(len(plan["hosts"]))]
+    assert plan["batch"]["global"] == plan["batch"]["micro"] * plan["batch"]["grad_accum"] * plan["world_size"]
+    left = {e["name"] for e in plan["excluded"]}
+    assert left | {h["name"] for h in plan["hosts"]} == {h["name"] for h in hosts}
+
+
+def test_left_out_reasons_name_the_vendor():
+    plan = F.dsfleet_plan([host("nv", 11, [V100(0)]), host("amd", 12, [MI250(0), MI250(1)]), host("cpu", 13)], {})
+    reasons = {e["name"]: e["reason"] for e in plan["excluded"]}
+    assert "nvidia devices; the plan uses amd" in reasons["nv"]
+    assert "no accelerator" in reasons["cpu"]
+
+
+def test_per_host_ifname_differs_and_master_address_is_on_the_shared_network():
+    a = host("a", 11, [A100(0)])
+    b = host("b", 12, [A100(0)])
+    # a has a management network first; b reaches a only on 10.1.0.0/24 through ens2
+    a["interfaces"].insert(1, {"name": "mgmt0", "ipv4": ["192.168.5.11/24"]})
+    b["interfaces"] = [{"name": "ens2", "ipv4": ["10.1.0.12/24"]}]
+    plan = F.dsfleet_plan([a, b], {})
+    assert plan["master"]["address"] == "10.1.0.11"
+    assert [h["ifname"] for h in plan["hosts"]] == ["eth0", "ens2"]
+    assert plan["hosts"][1]["env"]["NCCL_SOCKET_IFNAME"] == "ens2"
+    assert plan["env"]["NCCL_SOCKET_IFNAME"] == "ens2,eth0"
+    assert plan["warnings"]
+
+
+@pytest.mark.parametrize("hosts,knobs,message", [
+    ([host("a", 11, [A100(0)])], {"accelerator": "amd"}, "no reachable, non-excluded host has a amd device"),
+    ([host("a", 11, [A100(0)])], {"accelerator": "tpu"}, "accelerator='tpu' is not one of"),
+    ([host("a", 11, [A100(0)]), host("b", 12)], {"exclude": ["a", "b"]}, "every host is excluded"),
+    ([host("a", 11, [A100(0)])], {"exclude": "zz"}, "exclude names zz"),
+    ([host("a", 11, [A100(0)]), dict(host("b", 12, [A100(0)]), address="10.1.0.11")], {}, "same address 10.1.0.11"),
+    ([host("a", 11, [A100(0)])], {"max_steps": 0}, "max_steps=0 must be >= 1"),
+    ([host("a", 11, [A100(0)])], {"max_steps": "ten"}, "knob max_steps='ten' must be a int"),
+    ([host("a", 11, [A100(0)])], {"modle": "x"}, "unknown knob(s) modle"),
+    ([host("a", 11, [V100(0)])], {"precision": "bf16"}, "a cannot run bf16"),
+    ([host("c", 11)], {"precision": "fp16"}, "fp16 is not supported by DeepSpeed on CPU"),
+    ([host("a", 11, [A100(0)], slots=3)], {}, "slots=3 but has only 1"),
+    ([host("a", 11, [A100(0)]), {"name": "b", "address": "10.1.0.12", "reachable": False}], {},
+     "host b is unreachable"),
+    ([host("a", 11, [A100(0)]), dict(host("b", 12, [A100(0)]), interfaces=[{"name": "x", "ipv4": ["10.9.0.2/24"]}])],
+     {}, "host b has no interface on the network of master address 10.1.0.11"),
+    ([host("a", 11, [A100(0)]), dict(host("b", 12, [A100(0)]), python="/other/venv/bin/python")],
+     {"launcher": "pdsh"}, "venv paths differ"),
+    ([], {}, "no host in group dsfleet"),
+])
+def test_bad_input_names_host_and_fix(hosts, knobs, message):
+    with pytest.raises(AnsibleFilterError) as err:
+        F.dsfleet_plan(hosts, knobs)
+    assert message in str(err.value)
+
+
+def test_unreachable_host_left_out_when_allowed():
+    plan = F.dsfleet_plan([host("a", 11, [A100(0)]), {"name": "b", "address": "10.1.0.12", "reachable": False}],
+                          {"require_all_hosts": "false"})
+    assert plan["excluded"] == [{"name": "b", "reason": "unreachable (no facts gathered)"}]
+    assert plan["world_size"] == 1
+
+
+def test_knob_coercion_from_extra_vars_strings():
+    k = F.normalize_knobs({"max_steps": "10", "lr": "1e-3", "exclude": "a, b", "require_all_hosts": "no",
+                           "extra_env": '{"NCCL_DEBUG": "INFO"}'})
+    assert (k["max_steps"], k["lr"], k["exclude"], k["require_all_hosts"]) == (10, 1e-3, ["a", "b"], False)
+    assert k["extra_env"] == {"NCCL_DEBUG": "INFO"}
+    assert k["model"] == "tiny" and k["launcher"] == "ansible"
+
+
+def test_launch_and_train_args():
+    plan = F.dsfleet_plan([host("a", 11, [A100(0)]), host("b", 12, [A100(0), A100(1)])],
+                          {"max_steps": 7, "model": "/m", "run_id": "r1"})
+    assert F.dsfleet_launch_args(plan, 1, "/rd/hostfile") == [
+        "--hostfile", "/rd/hostfile", "--master_addr", "10.1.0.11", "--master_port", "29500",
+        "--no_ssh", "--node_rank", "1"]
+    assert F.dsfleet_launch_args(plan)[-2:] == ["--launcher", "pdsh"]
+    args = F.dsfleet_train_args(plan)
+    assert args[args.index("--max_steps") + 1] == "7" and args[args.index("--model") + 1] == "/m"
+    table = "\n".join(F.dsfleet_plan_table(plan))
+    assert "world size 3 on 2 host(s)" in table and "10.1.0.11:29500" in table
+
+
+def test_interfaces_from_facts():
+    facts = {"interfaces": ["lo", "veth-x"], "lo": {"ipv4": {"address": "127.0.0.1", "netmask": "255.0.0.0"}},
+             "veth_x": {"ipv4": {"address": "10.2.0.5", "netmask": "255.255.255.0"},
+                        "ipv4_secondaries": [{"address": "10.3.0.5", "netmask": "255.255.0.0"}]}}
+    assert F.dsfleet_interfaces(facts) == [{"name": "lo", "ipv4": ["127.0.0.1/8"]},
+                                           {"name": "veth-x", "ipv4": ["10.2.0.5/24", "10.3.0.5/16"]}]
+
+
+PLAN2 = None
+
+
+def _two_host_plan(**knobs):
+    return F.dsfleet_plan([host("a", 11, [A100(0)]), host("b", 12, [A100(0)])],
+                          dict({"max_steps": 10, "run_id": "r"}, **knobs))
+
+
+@pytest.mark.parametrize("statuses,state,host,reason", [
+    ({"a": {"state": "running", "started_at": 100, "now": 110, "last_metric": None},
+      "b": {"state": "running"}}, "running", "", ""),
+    ({"a": {"state": "running", "started_at": 100, "now": 110, "progress_at": 109,
+            "last_metric": {"event": "step", "step": 3, "loss": 2.5, "tokens_per_s": 1000, "elapsed_s": 9}},
+      "b": {"state": "running"}}, "running", "", ""),
+    ({"a": {"state": "running", "started_at": 100, "now": 110},
+      "b": {"state": "exited", "rc": 1, "log_tail": "boom"}}, "failed", "b", "exited with code 1"),
+    ({"a": {"state": "running", "started_at": 100, "now": 800}, "b": {"state": "running"}},
+     "failed", "a", "no training step within startup_timeout"),
+    ({"a": {"state": "running", "started_at": 100, "now": 800, "progress_at": 300,
+            "last_metric": {"event": "step", "step": 3}}, "b": {"state": "running"}},
+     "failed", "a", "no progress for 500s"),
+    ({"a": {"state": "running", "started_at": 100, "now": 110}}, "failed", "b", "no status from host"),
+    ({"a": {"state": "exited", "rc": 0, "last_metric": {"event": "end", "steps": 10, "final_loss": 1.0}},
+      "b": {"state": "exited", "rc": 0}}, "done", "a", ""),
+    ({"a": {"state": "exited", "rc": 0, "last_metric": {"event": "step", "step": 4}},
+      "b": {"state": "exited", "rc": 0}}, "failed", "a", "without finishing"),
+])
+def test_progress_judgement(statuses, state, host, reason):
+    out = F.dsfleet_progress(_two_host_plan(), statuses, 0)
+    assert out["state"] == state
+    assert out["host"] == host
+    assert reason in out["reason"]
+    if state == "running":
+        assert out["line"]
+    if statuses.get("b", {}).get("log_tail") and state == "failed":
+        assert out["log_tail"] == "boom"
+
+
+def test_pdsh_mode_watches_only_the_master():
+    plan = _two_host_plan(launcher="pdsh")
+    out = F.dsfleet_progress(plan, {"a": {"state": "running", "started_at": 1, "now": 2}, "b": {"state": "missing"}})
+    assert out["state"] == "running"
+
+
+def test_summary_from_metrics():
+    plan = _two_host_plan()
+    metrics = [{"event": "start"}, {"event": "step", "step": 1, "loss": 3.0},
+               {"event": "end", "steps": 10, "first_loss": 3.0, "final_loss": 1.5, "tokens_per_s": 900.0,
+                "checkpoint_dir": "/o/checkpoint", "export_dir": "/o/export", "elapsed_s": 4.0}]
+    s = F.dsfleet_summary(plan, metrics, {"run_dir": "/runs/r"})
+    assert (s["world_size"], s["steps"], s["first_loss"], s["final_loss"]) == (2, 10, 3.0, 1.5)
+    assert [h["name"] for h in s["hosts"]] == ["a", "b"] and s["checkpoint_dir"] == "/o/checkpoint"
+    assert any("3.0000 -> 1.5000" in line for line in F.dsfleet_summary_table(s))
+    with pytest.raises(AnsibleFilterError):
+        F.dsfleet_summary(plan, metrics[:2])
