@@ -31,13 +31,14 @@ class CallbackModule(CallbackBase):
 
     def _start(self, task):
         self._stop()
-        self._current = (task._uuid, task.get_name(), time.monotonic())
+        # keyed by name: a task included many times (the watch loop) adds up to one line
+        self._current = (task.get_name(), task.get_name(), time.monotonic())
 
     def _stop(self):
         if self._current:
-            uuid, name, start = self._current
-            total = self._times.get(uuid, (name, 0.0))[1] + time.monotonic() - start
-            self._times[uuid] = (name, total)
+            key, name, start = self._current
+            total = self._times.get(key, (name, 0.0))[1] + time.monotonic() - start
+            self._times[key] = (name, total)
             self._current = None
 
     def v2_playbook_on_task_start(self, task, is_conditional):

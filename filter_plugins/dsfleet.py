@@ -520,7 +520,9 @@ def dsfleet_progress(plan, statuses, now=None):
             metric.get("step"), total, metric.get("loss", float("nan")), metric.get("tokens_per_s", 0),
             metric.get("elapsed_s", 0))
     else:
-        line = "starting: %d rank(s) on %d host(s), %ds" % (plan["world_size"], plan["nodes"], now - started)
+        last = [ln for ln in (st.get("log_tail") or "").splitlines() if ln.strip()][-1:]
+        line = "starting: %d rank(s) on %d host(s), %ds%s" % (
+            plan["world_size"], plan["nodes"], now - started, ("  | " + last[0][-100:]) if last else "")
     return {"state": "running", "host": "", "reason": "", "line": line, "log_tail": ""}
 
 
@@ -592,7 +594,7 @@ def dsfleet_interfaces(facts):
     return out
 
 
-def dsfleet_records(hostvars, names):
+def dsfleet_records(names, hostvars):
     """Host records for the planner from hostvars; a host without a record (unreachable) gets reachable=false."""
     records = []
     for name in names:
