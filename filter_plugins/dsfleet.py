@@ -550,6 +550,7 @@ def dsfleet_summary(plan, metrics, extra=None):
         "checkpoint_host": plan["master"]["name"],
         "checkpoint_dir": end.get("checkpoint_dir"),
         "export_dir": end.get("export_dir"),
+        "host_run_dir": None,
     }
     summary.update(extra or {})
     return summary

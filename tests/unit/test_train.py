@@ -1,7 +1,7 @@
 """Tests for train/train.py, the bundled tiny preset and the bundled corpus.
 
 The test runner's python has no torch, so everything here runs train.py's code in a subprocess with the
-training interpreter: $DSFLEET_TRAIN_PYTHON (default /tmp/scratch/tv/bin/python, read per test; with torch, deepspeed,
+training interpreter: $DSFLEET_TRAIN_PYTHON (default ~/.dsfleet/venv/bin/python, read per test; with torch, deepspeed,
 transformers, datasets). The pieces are loaded from the file with importlib and called directly; the CLI
 contract is checked by running the script. test_deepspeed_run (marked slow) launches a real
 2-rank CPU DeepSpeed run with the gloo backend.
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "train" / "train.py"
 PRESET = REPO / "train" / "presets" / "tiny"
 CORPUS = REPO / "train" / "data" / "corpus.txt"
-DEFAULT_PY = "/tmp/scratch/tv/bin/python"
+DEFAULT_PY = os.path.expanduser("~/.dsfleet/venv/bin/python")
 
 
 def python():

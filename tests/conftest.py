@@ -1,0 +1,36 @@
+"""Shared fixtures: the real training environment, made by the real setup.yml."""
+
+import os
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from helpers import run_playbook  # noqa: E402
+
+VENV = pathlib.Path(os.environ.get("DSFLEET_HOME", pathlib.Path.home() / ".dsfleet")) / "venv"
+
+
+@pytest.fixture(scope="session")
+def setup_result():
+    """setup.yml on the embedded default inventory (this machine), run once per session."""
+    result = run_playbook("setup.yml")
+    assert result.rc == 0, result.stdout[-4000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def train_python(setup_result):
+    """The training venv's python, as setup.yml installed it; exported for tests that run the module."""
+    python = VENV / "bin" / "python"
+    assert python.exists(), "setup.yml did not create %s" % python
+    os.environ["DSFLEET_TRAIN_PYTHON"] = str(python)
+    return str(python)
+
+
+@pytest.fixture(autouse=True)
+def _training_python_for_train_tests(request):
+    """tests/unit/test_train.py runs the module with the venv's python: make sure setup.yml made it."""
+    if request.node.module.__name__.endswith("test_train") and not os.environ.get("DSFLEET_TRAIN_PYTHON"):
+        request.getfixturevalue("train_python")

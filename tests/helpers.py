@@ -1,0 +1,49 @@
+"""Run the project's real playbooks from tests, through ansible-runner."""
+
+import json
+import os
+import pathlib
+import sys
+import tempfile
+
+import ansible_runner
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs"
+
+
+class Result:
+    """What a playbook run left: rc, per-host stats, the whole stdout, and the failure messages."""
+
+    def __init__(self, runner):
+        self.rc = runner.rc
+        self.status = runner.status
+        self.stats = runner.stats or {}
+        self.stdout = runner.stdout.read()
+        self.failures = [e["event_data"]["res"].get("msg", "") for e in runner.events
+                         if e.get("event") == "runner_on_failed" and not e["event_data"].get("ignore_errors")]
+
+    @property
+    def changed(self):
+        return sum((self.stats.get("changed") or {}).values())
+
+    def __repr__(self):
+        return "<playbook rc=%s changed=%s failures=%r>" % (self.rc, self.changed, self.failures)
+
+
+def run_playbook(playbook, extravars=None, inventory=None, timeout=1800, cmdline=None, envvars=None):
+    """Run ROOT/playbook with the repository's ansible.cfg; inventory defaults to the embedded localhost one."""
+    env = {"ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1",
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    env.update(envvars or {})
+    with tempfile.TemporaryDirectory(prefix="dsfleet-runner-") as private:
+        runner = ansible_runner.run(
+            private_data_dir=private, project_dir=str(ROOT), playbook=str(ROOT / playbook),
+            inventory=str(inventory or ROOT / "inventory" / "localhost.yml"), extravars=extravars or {},
+            envvars=env, cmdline=cmdline, quiet=True, timeout=timeout, settings={"suppress_env_files": True})
+        return Result(runner)
+
+
+def load_summary(run_id):
+    with open(RUNS / run_id / "summary.json") as f:
+        return json.load(f)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The whole dsfleet test suite on a fresh Debian/Ubuntu machine. Installs everything it needs:
+# apt packages (as root), the controller venv with Ansible, molecule, pytest and linters (.venv),
+# and, through the real setup.yml, the training venv (~/.dsfleet/venv). Then: lint, unit tests,
+# end-to-end training on this machine, and the multi-host molecule scenarios on network-namespace hosts.
+#   tests/run.sh                 everything
+#   tests/run.sh tests/unit      only what you name (any pytest arguments)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_packages=(openssh-server openssh-client pdsh iproute2 iputils-ping python3-venv python3-dev g++ make)
+if command -v apt-get >/dev/null 2>&1; then
+  missing=()
+  for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+      echo "tests/run.sh: missing packages ${missing[*]}; install them (sudo apt-get install ${missing[*]})" >&2
+      exit 2
+    fi
+    echo "tests/run.sh: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+fi
+
+# The controller environment, with the test tools (the same wrapper users run).
+DSFLEET_EXTRA_REQUIREMENTS=requirements-test.txt ./dsfleet --version >/dev/null
+export PATH="$PWD/.venv/bin:$PATH"
+
+if [ "$#" -eq 0 ]; then
+  echo "== lint"
+  yamllint -s .
+  ansible-lint -q
+  set -- tests/unit tests/e2e tests/cluster
+fi
+echo "== pytest $*"
+exec python -m pytest -ra "$@"
