@@ -520,9 +520,11 @@ def dsfleet_progress(plan, statuses, now=None):
             metric.get("step"), total, metric.get("loss", float("nan")), metric.get("tokens_per_s", 0),
             metric.get("elapsed_s", 0))
     else:
-        last = [ln for ln in (st.get("log_tail") or "").splitlines() if ln.strip()][-1:]
+        # the newest log line that says something (DeepSpeed's INFO lines repeat the whole command)
+        last = [ln.strip() for ln in (st.get("log_tail") or "").splitlines()
+                if ln.strip() and "[INFO]" not in ln][-1:]
         line = "starting: %d rank(s) on %d host(s), %ds%s" % (
-            plan["world_size"], plan["nodes"], now - started, ("  | " + last[0][-100:]) if last else "")
+            plan["world_size"], plan["nodes"], now - started, ("  | " + last[0][:100]) if last else "")
     return {"state": "running", "host": "", "reason": "", "line": line, "log_tail": ""}
 
 

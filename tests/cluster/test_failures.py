@@ -1,0 +1,169 @@
+"""Bad input on a real 3-host rig: each failure is reported fast, names the host and the fix, starts nothing
+(or stops everything it started).
+
+The hosts are network namespaces with their own sshd (tests/rig/rig.py); setup.yml installs them once from the
+controller's wheelhouse, then each test breaks one thing, runs launch.yml through ansible-runner and mends it.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from helpers import ROOT, RUNS, run_playbook
+
+sys.path.insert(0, str(ROOT / "tests" / "rig"))
+import rig as rigmod  # noqa: E402
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]
+
+WORK = ROOT / "tests" / ".work"
+VARS = {
+    "python_env_python": "/usr/bin/python3",
+    "python_env_wheelhouse": str(WORK / "wheelhouse"),
+    "python_env_wheelhouse_build": True,
+    "python_env_wheelhouse_python": "/usr/bin/python3",
+    "cpu_ranks": 1,
+    "poll_interval": 2,
+    "extra_env": {"OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(WORK / "torch_extensions")},
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("rig")
+    rig = rigmod.create(str(state), hosts=3, prefix="dsfft", subnet="10.177.60.0/24")
+    try:
+        result = run_playbook("setup.yml", VARS, inventory=rig.inventory)
+        assert result.rc == 0, result.stdout[-5000:]
+        yield rig
+    finally:
+        rigmod.destroy(str(state))
+    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.count("dsfft") == 0
+
+
+def launch(rig, tmp_path, **knobs):
+    """launch.yml on the rig with a fresh ssh control dir (no connection reused from an earlier test)."""
+    run_id = "rig-%s" % uuid.uuid4().hex[:6]
+    env = {"ANSIBLE_SSH_CONTROL_PATH_DIR": str(tmp_path / "cp")}
+    start = time.monotonic()
+    result = run_playbook("launch.yml", dict(VARS, run_id=run_id, **knobs), inventory=rig.inventory, envvars=env)
+    return result, run_id, time.monotonic() - start
+
+
+def home(rig, host):
+    return pathlib.Path(rig.host_dir(host, "root"))
+
+
+def training_pids(rig, host):
+    """PIDs in the host's namespace whose command line runs the training module."""
+    pids = []
+    for pid in rigmod.netns_pids(rig.host(host)["netns"]):
+        try:
+            cmdline = pathlib.Path("/proc/%d/cmdline" % pid).read_bytes()
+        except OSError:
+            continue
+        if b"train.py" in cmdline or b"deepspeed" in cmdline:
+            pids.append(pid)
+    return pids
+
+
+def test_worker_missing_python_env(cluster, tmp_path):
+    venv = home(cluster, "h3") / ".dsfleet" / "venv"
+    venv.rename(venv.with_name("venv.away"))
+    try:
+        result, run_id, took = launch(cluster, tmp_path)
+    finally:
+        venv.with_name("venv.away").rename(venv)
+    assert result.rc != 0
+    assert any("h3 has no dsfleet python environment" in f and "setup.yml" in f for f in result.failures), \
+        result.failures
+    assert took < 90
+    assert not (RUNS / run_id / "logs").exists()
+    assert all(training_pids(cluster, h) == [] for h in cluster.names)
+
+
+def test_master_port_taken(cluster, tmp_path):
+    port = 29544
+    holder = subprocess.Popen(["ip", "netns", "exec", cluster.host("h1")["netns"], sys.executable, "-c",
+                               "import socket, time; s = socket.socket(); s.bind(('', %d)); s.listen(1); "
+                               "time.sleep(300)" % port])
+    try:
+        time.sleep(1)
+        result, run_id, took = launch(cluster, tmp_path, master_port=port)
+    finally:
+        holder.send_signal(signal.SIGTERM)
+        holder.wait(timeout=10)
+    assert result.rc != 0
+    assert any("port %d is already in use on master h1" % port in f and "-e master_port" in f
+               for f in result.failures), result.failures
+    assert took < 90
+    assert all(training_pids(cluster, h) == [] for h in cluster.names)
+
+
+def test_sshd_refuses_the_key(cluster, tmp_path):
+    keys = home(cluster, "h2") / ".ssh" / "authorized_keys"
+    saved = keys.read_text()
+    keys.write_text("")
+    try:
+        result, run_id, took = launch(cluster, tmp_path)
+    finally:
+        keys.write_text(saved)
+    assert result.rc != 0
+    assert any("host h2 is unreachable" in f and "exclude=h2" in f for f in result.failures), result.failures
+    assert took < 60
+
+
+def test_rank_killed_on_a_worker_stops_every_host(cluster, tmp_path):
+    killed = []
+
+    def kill_when_training():
+        deadline = time.time() + 400
+        while time.time() < deadline and not killed:
+            metrics = list((home(cluster, "h1") / ".dsfleet" / "runs").glob("rig-*/out/metrics.jsonl"))
+            if any('"step"' in m.read_text() for m in metrics):
+                for pid in training_pids(cluster, "h2"):
+                    cmdline = pathlib.Path("/proc/%d/cmdline" % pid).read_bytes()
+                    if b"train.py" in cmdline and b"deepspeed.launcher" not in cmdline and b"--local_rank" in cmdline:
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                        return
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill_when_training, daemon=True)
+    killer.start()
+    result, run_id, took = launch(cluster, tmp_path, max_steps=100000)
+    killer.join(timeout=5)
+    assert killed, "never saw a training rank on h2"
+    assert result.rc != 0
+    failure = " ".join(result.failures)
+    assert "training failed on" in failure and "Every rank was stopped" in failure, result.failures
+    for host in cluster.names:
+        assert (RUNS / run_id / "logs" / ("%s.log" % host)).is_file()
+    time.sleep(1)
+    assert {h: training_pids(cluster, h) for h in cluster.names} == {h: [] for h in cluster.names}
+
+
+def test_unreachable_host_fails_fast(cluster, tmp_path):
+    # last: the host stays down. Its sshd is stopped by PID, as the rig recorded it.
+    os.kill(cluster.host("h3")["sshd_pid"], signal.SIGTERM)
+    time.sleep(0.5)
+    result, run_id, took = launch(cluster, tmp_path)
+    assert result.rc != 0
+    assert any("host h3 is unreachable" in f for f in result.failures), result.failures
+    assert took < 60
+    # and with the host left out explicitly the plan goes ahead without it
+    dry, dry_id, _ = launch(cluster, tmp_path, dry_run=True, exclude="h3")
+    assert dry.rc == 0, dry.stdout[-3000:]
+    plan = json.loads((RUNS / dry_id / "plan.json").read_text())
+    assert [h["name"] for h in plan["hosts"]] == ["h1", "h2"]
+    assert plan["excluded"] == [{"name": "h3", "reason": "excluded by the user (exclude=)"}]
+    assert "left out: h3" in dry.stdout
