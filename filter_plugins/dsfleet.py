@@ -485,14 +485,18 @@ def dsfleet_progress(plan, statuses, now=None):
     master = plan["master"]["name"]
     watched = [h["name"] for h in plan["hosts"]] if plan["launcher"] == "ansible" else [master]
     metric = (statuses.get(master) or {}).get("last_metric") or {}
+    # When one rank dies the others follow within seconds: blame the host whose processes ended first.
+    crashed = sorted((float(statuses[n].get("ended_at") or 0), i, n) for i, n in enumerate(watched)
+                     if statuses.get(n) and statuses[n].get("state") == "exited" and statuses[n].get("rc") != 0)
+    if crashed:
+        st = statuses[crashed[0][2]]
+        return {"state": "failed", "host": crashed[0][2], "reason": "training exited with code %s" % st.get("rc"),
+                "line": "", "log_tail": st.get("log_tail", "")}
     for name in watched:
         st = statuses.get(name)
         if st is None:
             return {"state": "failed", "host": name, "reason": "no status from host (unreachable?)",
                     "line": "", "log_tail": ""}
-        if st.get("state") == "exited" and st.get("rc") != 0:
-            return {"state": "failed", "host": name, "reason": "training exited with code %s" % st.get("rc"),
-                    "line": "", "log_tail": st.get("log_tail", "")}
         if st.get("state") == "missing":
             return {"state": "failed", "host": name, "reason": "no training process was started on this host",
                     "line": "", "log_tail": st.get("log_tail", "")}

@@ -214,6 +214,8 @@ def _two_host_plan(**knobs):
       "b": {"state": "running"}}, "running", "", ""),
     ({"a": {"state": "running", "started_at": 100, "now": 110},
       "b": {"state": "exited", "rc": 1, "log_tail": "boom"}}, "failed", "b", "exited with code 1"),
+    ({"a": {"state": "exited", "rc": 1, "ended_at": 105.5, "log_tail": "reset by peer"},
+      "b": {"state": "exited", "rc": -9, "ended_at": 103.0, "log_tail": "boom"}}, "failed", "b", "code -9"),
     ({"a": {"state": "running", "started_at": 100, "now": 800}, "b": {"state": "running"}},
      "failed", "a", "no training step within startup_timeout"),
     ({"a": {"state": "running", "started_at": 100, "now": 800, "progress_at": 300,

@@ -147,7 +147,8 @@ def status(run_dir):
     run_dir = os.path.abspath(run_dir)
     state = _read_json(os.path.join(run_dir, STATE))
     metrics = os.path.join(run_dir, METRICS)
-    out = {"state": "missing", "rc": None, "started_at": None, "progress_at": None, "last_metric": None,
+    out = {"state": "missing", "rc": None, "started_at": None, "ended_at": None, "progress_at": None,
+           "last_metric": None,
            "log_tail": _tail(os.path.join(run_dir, LOG))}
     last = _last_metric(metrics)
     out["last_metric"] = last
@@ -161,6 +162,7 @@ def status(run_dir):
     try:
         with open(os.path.join(run_dir, RC)) as f:
             out["state"], out["rc"] = "exited", int(f.read().strip())
+        out["ended_at"] = os.path.getmtime(os.path.join(run_dir, RC))
     except (OSError, ValueError):
         out["state"] = "running" if _alive(state["pid"]) or _alive(state.get("supervisor") or -1) else "exited"
         if out["state"] == "exited":  # supervisor vanished without writing rc (killed): a failure
