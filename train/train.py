@@ -546,7 +546,8 @@ def training_function(args):
         return data[orders[epoch][k * mb:(k + 1) * mb]]
 
     def mean_over_ranks(value):
-        t = torch.tensor([value], dtype=torch.float64)
+        # on the engine's device: NCCL/RCCL/XCCL reduce only device tensors (gloo takes CPU ones)
+        t = torch.tensor([value], dtype=torch.float64, device=engine.device)
         dist.all_reduce(t)
         return t.item() / world_size
 
@@ -569,7 +570,7 @@ def training_function(args):
             lr = engine.get_lr()[0]
             loss_sum = 0.0
             for i in range(s["grad_accum"]):
-                x = get_batch(step * s["grad_accum"] + i)
+                x = get_batch(step * s["grad_accum"] + i).to(engine.device)
                 loss = engine(input_ids=x, labels=x).loss
                 engine.backward(loss)
                 engine.step()
