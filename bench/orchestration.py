@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import pathlib
+import signal
 import statistics
 import subprocess
 import sys
@@ -61,6 +62,8 @@ def main():
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--setup-only", action="store_true")
     args = parser.parse_args()
+    # a SIGTERM still tears the hosts down (the finally below)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench: terminated"))
 
     base = {"python_env_python": "/usr/bin/python3", "python_env_wheelhouse": str(WORK / "wheelhouse"),
             "python_env_wheelhouse_build": True, "python_env_wheelhouse_python": "/usr/bin/python3",
@@ -82,14 +85,17 @@ def main():
                 run_id = "bench-%d-%d" % (os.getpid(), i)
                 start = time.time()
                 playbook(rig.inventory, "launch.yml", dict(base, run_id=run_id))
-                launch.append(first_step_time(h1_runs / run_id / "out" / "metrics.jsonl", time.time()) - start)
+                launch.append(first_step_time(h1_runs / run_id / "out" / "metrics.jsonl", time.time() + 10) - start)
 
                 # the same job by hand: DeepSpeed's pdsh runner on h1 with the files dsfleet rendered
+                # (pdsh runs `cd <cwd>` on every worker: the directory must exist on each host)
                 raw_id = "raw-%d-%d" % (os.getpid(), i)
+                for host in rig.names:
+                    hd = pathlib.Path(rig.host_dir(host, "root")) / ".dsfleet" / "runs" / raw_id
+                    (hd / "out").mkdir(parents=True)
+                    for name in ("hostfile", "ds_config.json", ".deepspeed_env"):
+                        (hd / name).write_text((ROOT / "runs" / run_id / name).read_text())
                 rd = h1_runs / raw_id
-                (rd / "out").mkdir(parents=True)
-                for name in ("hostfile", "ds_config.json", ".deepspeed_env"):
-                    (rd / name).write_text((ROOT / "runs" / run_id / name).read_text())
                 plan = json.loads((ROOT / "runs" / run_id / "plan.json").read_text())
                 home = "/root/.dsfleet"
                 cmd = ("cd %s/runs/%s && %s/venv/bin/deepspeed --hostfile hostfile --launcher pdsh --master_addr %s "
