@@ -23,8 +23,9 @@ if command -v apt-get >/dev/null 2>&1; then
   fi
 fi
 
-# The controller environment, with the test tools (the same wrapper users run).
-DSFLEET_EXTRA_REQUIREMENTS=requirements-test.txt ./dsfleet --version >/dev/null
+# The controller environment, with the test tools (the same wrapper users run). molecule 26 and
+# ansible-lint 26 need Python >= 3.12 on the controller (the hosts' Python may be older).
+DSFLEET_CONTROLLER_MIN=3.12 DSFLEET_EXTRA_REQUIREMENTS=requirements-test.txt ./dsfleet --version >/dev/null
 export PATH="$PWD/.venv/bin:$PATH"
 
 if [ "$#" -eq 0 ]; then
