@@ -68,7 +68,7 @@ def main():
     base = {"python_env_python": "/usr/bin/python3", "python_env_wheelhouse": str(WORK / "wheelhouse"),
             "python_env_wheelhouse_build": True, "python_env_wheelhouse_python": "/usr/bin/python3",
             "cpu_ranks": 1, "max_steps": 20, "poll_interval": 1,
-            "extra_env": {"OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(WORK / "torch_extensions")}}
+            "extra_env": {"OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": "/var/tmp/dsfleet-test-torch-extensions"}}
     state = tempfile.mkdtemp(prefix="dsfleet-bench-")
     rig = rigmod.create(state, hosts=args.hosts, prefix="dsfbn", subnet="10.177.62.0/24")
     results = {"hosts": args.hosts, "machine": "%d cores" % os.cpu_count(), "date": time.strftime("%Y-%m-%d")}

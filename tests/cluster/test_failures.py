@@ -33,7 +33,7 @@ VARS = {
     "python_env_wheelhouse_python": "/usr/bin/python3",
     "cpu_ranks": 1,
     "poll_interval": 2,
-    "extra_env": {"OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(WORK / "torch_extensions")},
+    "extra_env": {"OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": "/var/tmp/dsfleet-test-torch-extensions"},
 }
 
 
