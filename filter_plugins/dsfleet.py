@@ -86,6 +86,8 @@ MINIMUM = {"max_steps": 1, "block_size": 8, "micro_batch": 1, "grad_accum": 1, "
            "poll_interval": 1, "stall_timeout": 10, "startup_timeout": 10, "epochs": 0, "save_every": 0,
            "warmup_steps": 0, "master_port": 1024}
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", list: "a list (or a,b,c)",
+              dict: "a mapping", str: "a string"}
 
 
 def _fail(msg):
@@ -130,8 +132,8 @@ def _coerce(name, kind, value):
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    _fail("knob %s=%r must be a %s; fix the value passed with -e %s=... or in group_vars"
-          % (name, value, kind.__name__, name))
+    _fail("knob %s=%r must be %s; fix the value passed with -e %s=... or in group_vars"
+          % (name, value, TYPE_NAMES[kind], name))
 
 
 def normalize_knobs(knobs):
@@ -556,7 +558,6 @@ def dsfleet_summary(plan, metrics, extra=None):
         "checkpoint_host": plan["master"]["name"],
         "checkpoint_dir": end.get("checkpoint_dir"),
         "export_dir": end.get("export_dir"),
-        "host_run_dir": None,
     }
     summary.update(extra or {})
     return summary

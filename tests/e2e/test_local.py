@@ -126,7 +126,7 @@ def _kill_a_rank_when_training(run_id, sig, found):
     metrics = pathlib.Path.home() / ".dsfleet" / "runs" / run_id / "out" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline:
-        if metrics.exists() and '"event": "step"' in metrics.read_text().replace('"event":"step"', '"event": "step"'):
+        if metrics.exists() and '"event": "step"' in metrics.read_text():  # rank 0 writes json.dumps lines
             break
         time.sleep(0.5)
     for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):

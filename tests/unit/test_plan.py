@@ -143,7 +143,7 @@ def test_per_host_ifname_differs_and_master_address_is_on_the_shared_network():
     ([host("a", 11, [A100(0)])], {"exclude": "zz"}, "exclude names zz"),
     ([host("a", 11, [A100(0)]), dict(host("b", 12, [A100(0)]), address="10.1.0.11")], {}, "same address 10.1.0.11"),
     ([host("a", 11, [A100(0)])], {"max_steps": 0}, "max_steps=0 must be >= 1"),
-    ([host("a", 11, [A100(0)])], {"max_steps": "ten"}, "knob max_steps='ten' must be a int"),
+    ([host("a", 11, [A100(0)])], {"max_steps": "ten"}, "knob max_steps='ten' must be an integer"),
     ([host("a", 11, [A100(0)])], {"modle": "x"}, "unknown knob(s) modle"),
     ([host("a", 11, [V100(0)])], {"precision": "bf16"}, "a cannot run bf16"),
     ([host("c", 11)], {"precision": "fp16"}, "fp16 is not supported by DeepSpeed on CPU"),
