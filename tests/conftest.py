@@ -1,4 +1,4 @@
-"""Shared fixtures: the real training environment, made by the real setup.yml."""
+"""Shared fixtures: the real training environment, made by the real setup.yml; each test marked with its tier."""
 
 import os
 import pathlib
@@ -9,7 +9,17 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from helpers import run_playbook  # noqa: E402
 
+TESTS = pathlib.Path(__file__).resolve().parent
 VENV = pathlib.Path(os.environ.get("DSFLEET_HOME", pathlib.Path.home() / ".dsfleet")) / "venv"
+TIERS = ("unit", "e2e", "cluster")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with the tier of its directory: pytest -m unit selects tests/unit, and so on."""
+    for item in items:
+        parts = pathlib.Path(str(item.fspath)).resolve().relative_to(TESTS).parts
+        if parts and parts[0] in TIERS:
+            item.add_marker(getattr(pytest.mark, parts[0]))
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +41,6 @@ def train_python(setup_result):
 
 @pytest.fixture(autouse=True)
 def _training_python_for_train_tests(request):
-    """tests/unit/test_train.py runs the module with the venv's python: make sure setup.yml made it."""
+    """tests/e2e/test_train.py runs the module with the venv's python: make sure setup.yml made it."""
     if request.node.module.__name__.endswith("test_train") and not os.environ.get("DSFLEET_TRAIN_PYTHON"):
         request.getfixturevalue("train_python")

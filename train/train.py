@@ -52,15 +52,30 @@ import inspect
 import json
 import math
 import os
-import random
-import re
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PRESETS_DIR = HERE / "presets"             # one directory per preset: config.json + tokenizer files
-BUNDLED_CORPUS = HERE / "data" / "corpus.txt"
+if str(HERE) not in sys.path:  # the torch-free pieces live beside this file (also when loaded by path)
+    sys.path.insert(0, str(HERE))
+
+from dsfleet_config import AUTO_FILLABLE, MIN_LR_RATIO, UsageError, fail, fill_auto, lr_lambda, read_ds_config  # noqa: E402,F401
+from dsfleet_data import (  # noqa: E402,F401
+    BUNDLED_CORPUS,
+    FILE_BUILDERS,
+    HUB_ID,
+    PRESETS_DIR,
+    check_block_size,
+    epoch_order,
+    list_presets,
+    pack,
+    read_texts,
+    resolve_dataset,
+    resolve_model,
+    shard,
+    tokenize,
+)
 
 # -----------------------------------------------------------------------------
 # defaults; each is the default of the command-line flag of the same name
@@ -76,25 +91,13 @@ SEED = 1234                # model init and data order
 LOG_EVERY = 1              # log a step event every N steps (0: only the first and last step)
 SAVE_EVERY = 0             # intermediate checkpoint every N steps (0: only at the end)
 # fixed choices, not flags
-WEIGHT_DECAY = 0.1         # client AdamW, applied to matrices only (not to norms and biases)
+# the client AdamW, used only when a hand-written ds_config has no "optimizer" section (the plan always writes
+# one: lib/dsfleet_core/plan.py OPTIMIZER); weight decay applies to matrices only (not to norms and biases)
+WEIGHT_DECAY = 0.1
 BETAS = (0.9, 0.95)
-MIN_LR_RATIO = 0.1         # client schedule decays linearly to LR * MIN_LR_RATIO at the last step
 DIST_TIMEOUT_S = 300       # bound on waiting for a peer rank (torch's default is 10 minutes)
 # -----------------------------------------------------------------------------
 
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-FILE_BUILDERS = {".json": "json", ".csv": "csv", ".parquet": "parquet"}  # via datasets.load_dataset
-AUTO_FILLABLE = {"train_batch_size", "optimizer.params.lr", "scheduler.params.warmup_max_lr",
-                 "scheduler.params.warmup_min_lr", "scheduler.params.warmup_num_steps",
-                 "scheduler.params.total_num_steps"}
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr, exit code 2, no traceback."""
-
-
-def fail(what, fix):
-    raise UsageError(f"{what}. {fix}")
 
 
 def print0(*args):
@@ -158,129 +161,8 @@ def validate_args(args):
 # -----------------------------------------------------------------------------
 # the DeepSpeed config: read the few settings this script needs, strictly
 
-def _positive_int(cfg, key, default=None):
-    value = cfg.get(key, default)
-    if value == "auto":
-        fail(f"deepspeed config: {key} is \"auto\"", "Replace it with a number (a planner fills \"auto\" fields)")
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        fail(f"deepspeed config: {key} must be a positive integer, got {value!r}", f"Set \"{key}\": 1 or more")
-    return value
-
-
-def _section(cfg, key):
-    value = cfg.get(key, {})
-    if not isinstance(value, dict):
-        fail(f"deepspeed config: {key} must be an object, got {type(value).__name__}", f"Write \"{key}\": {{...}}")
-    return value
-
-
-def _enabled(cfg, key):
-    enabled = _section(cfg, key).get("enabled", False)
-    if not isinstance(enabled, bool):
-        fail(f"deepspeed config: {key}.enabled must be true or false, got {enabled!r}", f"Set \"{key}\": {{\"enabled\": false}}")
-    return enabled
-
-
-def _auto_paths(obj, prefix=""):
-    """Dotted paths of every "auto" value in a nested config."""
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            yield from _auto_paths(value, f"{prefix}{key}.")
-    elif obj == "auto":
-        yield prefix[:-1]
-
-
-def read_ds_config(path):
-    """Load and check a ds_config file. Returns (config dict, settings dict)."""
-    path = Path(path)
-    if not path.is_file():
-        fail(f"deepspeed config {path} does not exist", "Pass --deepspeed_config PATH to a JSON file")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        fail(f"cannot read deepspeed config {path}: {e}", "Check the file's permissions and encoding")
-    except json.JSONDecodeError as e:
-        fail(f"deepspeed config {path} is not valid JSON ({e})", "Fix the JSON syntax")
-    if not isinstance(cfg, dict):
-        fail(f"deepspeed config {path} must hold a JSON object, got {type(cfg).__name__}", "Write {\"train_micro_batch_size_per_gpu\": 1, ...}")
-    if "train_micro_batch_size_per_gpu" not in cfg:
-        fail("deepspeed config: train_micro_batch_size_per_gpu is missing", "Add \"train_micro_batch_size_per_gpu\": N")
-    micro = _positive_int(cfg, "train_micro_batch_size_per_gpu")
-    accum = _positive_int(cfg, "gradient_accumulation_steps", 1)
-    if cfg.get("train_batch_size", "auto") != "auto":
-        _positive_int(cfg, "train_batch_size")
-    bf16, fp16 = _enabled(cfg, "bf16"), _enabled(cfg, "fp16")
-    if bf16 and fp16:
-        fail("deepspeed config: bf16 and fp16 are both enabled", "Enable at most one of them")
-    zero = _section(cfg, "zero_optimization")
-    stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
-        fail(f"deepspeed config: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}", "Set \"stage\": 2 for example")
-    for key in ("optimizer", "scheduler"):
-        if key in cfg and not isinstance(_section(cfg, key).get("type"), str):
-            fail(f"deepspeed config: {key}.type is missing", f"Name the {key} type, or drop the {key} section to use this script's own")
-    offload = _section(zero, "offload_optimizer").get("device", "none")
-    if offload not in ("none", None) and "optimizer" not in cfg and cfg.get("zero_force_ds_cpu_optimizer", True):
-        fail("deepspeed config: offload_optimizer needs DeepSpeed's CPU Adam, but there is no optimizer section",
-             "Add \"optimizer\": {\"type\": \"AdamW\", \"params\": {\"lr\": \"auto\"}}, or set \"zero_force_ds_cpu_optimizer\": false")
-    stray = sorted(set(_auto_paths(cfg)) - AUTO_FILLABLE)
-    if stray:
-        fail(f"deepspeed config: \"auto\" is not supported for {', '.join(stray)}",
-             f"Replace it with a value (\"auto\" is filled only for {', '.join(sorted(AUTO_FILLABLE))})")
-    settings = {"micro_batch": micro, "grad_accum": accum, "zero_stage": stage,
-                "precision": "bf16" if bf16 else "fp16" if fp16 else "fp32",
-                "has_optimizer": "optimizer" in cfg, "has_scheduler": "scheduler" in cfg}
-    return cfg, settings
-
-
-def fill_auto(cfg, *, world_size, lr, warmup_steps, total_steps):
-    """Fill the "auto" fields read_ds_config allows, and check train_batch_size. Returns a new dict."""
-    cfg = json.loads(json.dumps(cfg))
-    batch = cfg["train_micro_batch_size_per_gpu"] * cfg.get("gradient_accumulation_steps", 1) * world_size
-    if cfg.get("train_batch_size", "auto") == "auto":
-        cfg["train_batch_size"] = batch
-    elif cfg["train_batch_size"] != batch:
-        fail(f"deepspeed config: train_batch_size {cfg['train_batch_size']} != micro batch x grad accum x world size = {batch}",
-             "Set train_batch_size to that product, or to \"auto\", or drop it")
-    values = {"lr": lr, "warmup_max_lr": lr, "warmup_min_lr": 0.0,
-              "warmup_num_steps": warmup_steps, "total_num_steps": total_steps}
-    for section in ("optimizer", "scheduler"):
-        params = cfg.get(section, {}).get("params", {})
-        for key, value in params.items():
-            if value == "auto":
-                params[key] = values[key]
-    return cfg
-
-
 # -----------------------------------------------------------------------------
 # model: preset, local directory, or hub id
-
-def list_presets():
-    return sorted(d.name for d in PRESETS_DIR.iterdir() if (d / "config.json").is_file()) if PRESETS_DIR.is_dir() else []
-
-
-def _looks_like_path(spec):
-    return spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1 or spec.endswith("/")
-
-
-def resolve_model(spec):
-    """Return ("preset" | "local" | "hub", path or hub id)."""
-    presets = list_presets()
-    if spec in presets:
-        return "preset", str(PRESETS_DIR / spec)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            fail(f"model directory {path} has no config.json", "Point --model at a directory written by save_pretrained")
-        return "local", str(path.resolve())
-    if path.exists():
-        fail(f"--model {spec} is a file, not a model directory", "Point --model at the directory that holds config.json")
-    if _looks_like_path(spec):
-        fail(f"model path {spec} does not exist", "Check the path on this host, or use a preset (%s) or a hub id org/name" % ", ".join(presets))
-    if HUB_ID.fullmatch(spec):
-        return "hub", spec
-    fail(f"unknown model preset {spec!r}", "Use a preset (%s), an existing model directory, or a hub id org/name" % ", ".join(presets))
-
 
 def _hf_call(what, fn, *args, **kwargs):
     try:
@@ -313,116 +195,6 @@ def build_model(kind, where, config, seed):
 # -----------------------------------------------------------------------------
 # data: resolve, read texts, tokenize, pack into blocks, shard by rank
 
-def resolve_dataset(spec):
-    """Return (kind, where) with kind in text, jsonl, file, disk, dir, hub."""
-    if spec == "bundled":
-        return "text", str(BUNDLED_CORPUS)
-    path = Path(spec).expanduser()
-    suffix = path.suffix.lower()
-    if path.is_file():
-        if suffix == ".txt":
-            return "text", str(path.resolve())
-        if suffix == ".jsonl":
-            return "jsonl", str(path.resolve())
-        if suffix in FILE_BUILDERS:
-            return "file", str(path.resolve())
-        fail(f"dataset file {spec} has an unsupported extension {suffix or '(none)'}",
-             "Use a .txt, .jsonl, .json, .csv or .parquet file, or a directory saved by datasets")
-    if path.is_dir():
-        saved = any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
-        return ("disk" if saved else "dir"), str(path.resolve())
-    if _looks_like_path(spec) or suffix in (".txt", ".jsonl", *FILE_BUILDERS):
-        fail(f"dataset path {spec} does not exist", "Check the path on this host, or use --dataset bundled")
-    return "hub", spec
-
-
-def _paragraphs(text):
-    """Documents of a text file: blank-line separated paragraphs, or lines if there are no blank lines."""
-    parts = re.split(r"\n\s*\n", text)
-    if len(parts) == 1:
-        parts = text.splitlines()
-    return [p.strip() for p in parts if p.strip()]
-
-
-def read_texts(kind, where, text_field="text"):
-    """Documents (non-empty strings) of a resolved dataset."""
-    if kind in ("text", "jsonl"):
-        try:
-            raw = Path(where).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            fail(f"cannot read dataset {where}: {e}", "Check the file's permissions; it must be UTF-8 text")
-    if kind == "text":
-        texts = _paragraphs(raw)
-    elif kind == "jsonl":
-        texts = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                fail(f"dataset {where} line {n} is not JSON ({e})", "Write one JSON object per line")
-            if not isinstance(row, dict) or text_field not in row:
-                fail(f"dataset {where} line {n} has no field {text_field!r}", "Pass --text_field NAME naming the text field")
-            if not isinstance(row[text_field], str):
-                fail(f"dataset {where} line {n}: field {text_field!r} is not a string", "Store the text as a JSON string")
-            texts.append(row[text_field])
-    else:
-        import datasets
-        try:
-            if kind == "disk":
-                ds = datasets.load_from_disk(where)
-            elif kind == "file":
-                ds = datasets.load_dataset(FILE_BUILDERS[Path(where).suffix.lower()], data_files=where)
-            else:
-                ds = datasets.load_dataset(where)
-        except (OSError, ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
-            fail(f"cannot load dataset {where}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
-                 "Check the path or name; hub names need network access")
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                fail(f"dataset {where} has no train split (splits: {', '.join(ds)})", "Save or select a 'train' split")
-            ds = ds["train"]
-        if text_field not in ds.column_names:
-            fail(f"dataset {where} has no column {text_field!r} (columns: {', '.join(ds.column_names)})",
-                 "Pass --text_field NAME naming the text column")
-        texts = [t for t in ds[text_field] if isinstance(t, str)]
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        fail(f"dataset {where} holds no text", "Point --dataset at a non-empty dataset")
-    return texts
-
-
-def tokenize(texts, tokenizer, batch_size=1000):
-    """Token ids of each document, without special tokens."""
-    ids = []
-    for i in range(0, len(texts), batch_size):
-        ids.extend(tokenizer(texts[i:i + batch_size], add_special_tokens=False, verbose=False)["input_ids"])
-    return ids
-
-
-def pack(token_lists, eos_id, block_size):
-    """Concatenate documents, each followed by eos, and cut into full blocks (the remainder is dropped)."""
-    stream = []
-    for ids in token_lists:
-        stream.extend(ids)
-        stream.append(eos_id)
-    return [stream[i:i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
-
-
-def shard(blocks, rank, world_size):
-    """This rank's blocks: blocks[rank::world_size] after trimming so that every rank gets the same count."""
-    usable = len(blocks) // world_size * world_size
-    return blocks[:usable][rank::world_size]
-
-
-def epoch_order(n, seed, epoch):
-    """A permutation of range(n), the same on every run for a given (seed, epoch)."""
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
-
-
 def load_blocks(args, tokenizer):
     kind, where = resolve_dataset(args.dataset)
     texts = read_texts(kind, where, args.text_field)
@@ -430,22 +202,6 @@ def load_blocks(args, tokenizer):
     if not blocks:
         fail(f"dataset {args.dataset} yields no block of {args.block_size} tokens", "Use more text or a smaller --block_size")
     return where, blocks
-
-
-def check_block_size(config, block_size):
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and block_size > limit:
-        fail(f"--block_size {block_size} exceeds the model's max_position_embeddings {limit}", f"Pass --block_size {limit} or less")
-
-
-def lr_lambda(warmup_steps, total_steps):
-    """Client schedule: linear warmup to 1, then linear decay to MIN_LR_RATIO at the last step."""
-    def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps - 1)
-        return max(MIN_LR_RATIO, 1.0 - (1.0 - MIN_LR_RATIO) * progress)
-    return factor
 
 
 # -----------------------------------------------------------------------------
@@ -501,6 +257,7 @@ def training_function(args):
     ds_config = fill_auto(ds_config, world_size=world_size, lr=args.lr, warmup_steps=args.warmup_steps, total_steps=total_steps)
 
     import datetime
+
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -513,17 +270,15 @@ def training_function(args):
     n_params = sum(p.numel() for p in model.parameters())
 
     optimizer = scheduler = None
-    if not s["has_optimizer"]:  # client AdamW: no DeepSpeed op to compile
-        decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=BETAS)
+    groups = param_groups(model, s["weight_decay"] if s["has_optimizer"] else WEIGHT_DECAY)
+    if not s["has_optimizer"]:  # a hand-written config without an optimizer: client AdamW, no op to compile
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=BETAS)
     if not s["has_scheduler"]:
         def scheduler(opt):
             return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps, total_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-        model_parameters=None if optimizer else [p for p in model.parameters() if p.requires_grad])
+        model_parameters=None if optimizer else groups)
 
     start_step = 0
     if args.resume and (ckpt_dir / "latest").is_file():
@@ -603,6 +358,14 @@ def training_function(args):
                   elapsed_s=elapsed)
     metrics.close()
     print0(f"done: {step} steps in {elapsed:.1f}s, loss {first_loss} -> {final_loss}; export in {export_dir}")
+
+
+def param_groups(model, weight_decay):
+    """Two optimizer groups: matrices decay by ``weight_decay``, norms and biases do not (whichever optimizer
+    steps them: torch's AdamW, or DeepSpeed's CPU Adam when the optimizer states are offloaded)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def export(engine, tokenizer, export_dir, zero_stage, rank):

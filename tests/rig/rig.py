@@ -310,7 +310,7 @@ def _check_conflicts(prefix: str, net: ipaddress.IPv4Network, names: dict) -> No
                     problems.append(f"route '{line.strip()}' overlaps {net}")
     if problems:
         raise RigError("refusing to create (not ours, left untouched):\n  " + "\n  ".join(problems)
-                       + f"\nPick another --prefix/--subnet, or destroy the rig that owns them.")
+                       + "\nPick another --prefix/--subnet, or destroy the rig that owns them.")
 
 
 def _sshd_config(address: str) -> str:

@@ -1,15 +1,16 @@
 """The cluster planner on tables of clusters: which hosts, slots, vendor, backend, precision, master, ifnames."""
 
-import importlib.util
-import pathlib
-
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("dsfleet_filters", ROOT / "filter_plugins" / "dsfleet.py")
-F = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(F)
-from ansible.errors import AnsibleFilterError  # noqa: E402
+from dsfleet_core import PlanError
+from dsfleet_core import knobs as K
+from dsfleet_core import plan as P
+from dsfleet_core import run as R
+
+
+def make_plan(hosts, knobs=None):
+    """The planner as the plan role calls it: the run is always named."""
+    return P.make_plan(hosts, dict({"run_id": "r"}, **(knobs or {})))
 
 
 def gpu(index, name, mem, cc=None, arch=None, vendor="nvidia", bf16=None):
@@ -33,7 +34,7 @@ def host(name, last_octet, gpus=(), vendor=None, cores=8, cpu_bf16=False, **extr
         "interfaces": [{"name": "lo", "ipv4": ["127.0.0.1/8"]},
                        {"name": "eth0", "ipv4": ["10.1.0.%d/24" % last_octet]},
                        {"name": "docker0", "ipv4": ["172.17.0.1/16"]}],
-        "python": "/home/u/.dsfleet/venv/bin/python", "home": "/home/u/.dsfleet",
+        "home": "/home/u/.dsfleet", "venv": "/home/u/.dsfleet/venv", "path": "/usr/bin:/bin",
     }
     record.update(extra)
     return record
@@ -98,7 +99,7 @@ CLUSTERS = [
 
 @pytest.mark.parametrize("hosts,knobs,expected,per_host", [c[1:] for c in CLUSTERS], ids=[c[0] for c in CLUSTERS])
 def test_plan_table(hosts, knobs, expected, per_host):
-    plan = F.dsfleet_plan(hosts, knobs)
+    plan = make_plan(hosts, knobs)
     for key, value in expected.items():
         if isinstance(value, dict) and key == "env":
             for k, v in value.items():
@@ -116,7 +117,7 @@ def test_plan_table(hosts, knobs, expected, per_host):
 
 
 def test_left_out_reasons_name_the_vendor():
-    plan = F.dsfleet_plan([host("nv", 11, [V100(0)]), host("amd", 12, [MI250(0), MI250(1)]), host("cpu", 13)], {})
+    plan = make_plan([host("nv", 11, [V100(0)]), host("amd", 12, [MI250(0), MI250(1)]), host("cpu", 13)], {})
     reasons = {e["name"]: e["reason"] for e in plan["excluded"]}
     assert "nvidia devices; the plan uses amd" in reasons["nv"]
     assert "no accelerator" in reasons["cpu"]
@@ -128,7 +129,7 @@ def test_per_host_ifname_differs_and_master_address_is_on_the_shared_network():
     # a has a management network first; b reaches a only on 10.1.0.0/24 through ens2
     a["interfaces"].insert(1, {"name": "mgmt0", "ipv4": ["192.168.5.11/24"]})
     b["interfaces"] = [{"name": "ens2", "ipv4": ["10.1.0.12/24"]}]
-    plan = F.dsfleet_plan([a, b], {})
+    plan = make_plan([a, b], {})
     assert plan["master"]["address"] == "10.1.0.11"
     assert [h["ifname"] for h in plan["hosts"]] == ["eth0", "ens2"]
     assert plan["hosts"][1]["env"]["NCCL_SOCKET_IFNAME"] == "ens2"
@@ -152,49 +153,113 @@ def test_per_host_ifname_differs_and_master_address_is_on_the_shared_network():
      "host b is unreachable"),
     ([host("a", 11, [A100(0)]), dict(host("b", 12, [A100(0)]), interfaces=[{"name": "x", "ipv4": ["10.9.0.2/24"]}])],
      {}, "host b has no interface on the network of master address 10.1.0.11"),
-    ([host("a", 11, [A100(0)]), dict(host("b", 12, [A100(0)]), python="/other/venv/bin/python")],
-     {"launcher": "pdsh"}, "venv paths differ"),
+    ([host("a", 11, [A100(0)]), dict(host("b", 12, [A100(0)]), venv="/other/venv")],
+     {"launcher": "pdsh"}, "dsfleet paths differ"),
     ([], {}, "no host in group dsfleet"),
 ])
 def test_bad_input_names_host_and_fix(hosts, knobs, message):
-    with pytest.raises(AnsibleFilterError) as err:
-        F.dsfleet_plan(hosts, knobs)
+    with pytest.raises(PlanError) as err:
+        make_plan(hosts, knobs)
     assert message in str(err.value)
 
 
 def test_unreachable_host_left_out_when_allowed():
-    plan = F.dsfleet_plan([host("a", 11, [A100(0)]), {"name": "b", "address": "10.1.0.12", "reachable": False}],
+    plan = make_plan([host("a", 11, [A100(0)]), {"name": "b", "address": "10.1.0.12", "reachable": False}],
                           {"require_all_hosts": "false"})
     assert plan["excluded"] == [{"name": "b", "reason": "unreachable (no facts gathered)"}]
     assert plan["world_size"] == 1
 
 
 def test_knob_coercion_from_extra_vars_strings():
-    k = F.normalize_knobs({"max_steps": "10", "lr": "1e-3", "exclude": "a, b", "require_all_hosts": "no",
+    k = K.normalize({"max_steps": "10", "lr": "1e-3", "exclude": "a, b", "require_all_hosts": "no",
                            "extra_env": '{"NCCL_DEBUG": "INFO"}'})
     assert (k["max_steps"], k["lr"], k["exclude"], k["require_all_hosts"]) == (10, 1e-3, ["a", "b"], False)
     assert k["extra_env"] == {"NCCL_DEBUG": "INFO"}
     assert k["model"] == "tiny" and k["launcher"] == "ansible"
 
 
-def test_launch_and_train_args():
-    plan = F.dsfleet_plan([host("a", 11, [A100(0)]), host("b", 12, [A100(0), A100(1)])],
-                          {"max_steps": 7, "model": "/m", "run_id": "r1"})
-    assert F.dsfleet_launch_args(plan, 1, "/rd/hostfile") == [
-        "--hostfile", "/rd/hostfile", "--master_addr", "10.1.0.11", "--master_port", "29500",
-        "--no_ssh", "--node_rank", "1"]
-    assert F.dsfleet_launch_args(plan)[-2:] == ["--launcher", "pdsh"]
-    args = F.dsfleet_train_args(plan)
-    assert args[args.index("--max_steps") + 1] == "7" and args[args.index("--model") + 1] == "/m"
-    table = "\n".join(F.dsfleet_plan_table(plan))
+def test_process_specs_ansible_launcher_one_deepspeed_per_host():
+    plan = make_plan([host("a", 11, [A100(0)]), host("b", 12, [A100(0), A100(1)])],
+                     {"max_steps": 7, "model": "/m", "run_id": "r1", "extra_env": {"NCCL_DEBUG": "INFO"}})
+    for h in plan["hosts"]:
+        paths, proc, cmds = h["paths"], h["process"], h["commands"]
+        assert paths["run_dir"] == "/home/u/.dsfleet/runs/r1" and proc["cwd"] == paths["run_dir"]
+        argv = proc["argv"]
+        assert argv[0] == "/home/u/.dsfleet/venv/bin/deepspeed"
+        assert argv[1:10] == ["--hostfile", paths["hostfile"], "--master_addr", "10.1.0.11", "--master_port",
+                              "29500", "--no_ssh", "--node_rank", str(h["node_rank"])]
+        assert argv[10] == paths["train"]
+        assert argv[argv.index("--max_steps") + 1] == "7" and argv[argv.index("--model") + 1] == "/m"
+        assert argv[argv.index("--deepspeed_config") + 1] == paths["ds_config"]
+        # the supervisor wraps exactly the rank's command; preflight checks the same arguments
+        assert cmds["start"]["argv"] == [paths["python"], paths["node"], "start", "--run-dir", paths["run_dir"],
+                                         "--"] + argv
+        assert cmds["preflight"]["argv"][3:] == argv[11:]
+        env = proc["env"]
+        assert env["PATH"] == "/home/u/.dsfleet/venv/bin:/usr/bin:/bin"
+        assert (env["DS_ACCELERATOR"], env["NCCL_SOCKET_IFNAME"], env["NCCL_DEBUG"]) == ("cuda", "eth0", "INFO")
+        assert cmds["start"]["env"] == env and cmds["preflight"]["env"] == env
+        assert h["watched"] is True
+        assert (cmds["port_check"] is not None) == (h["node_rank"] == 0)
+        assert cmds["stop"]["argv"][-2:] == ["--grace", "10"] and cmds["status"]["argv"][-2:] == ["--wait", "5"]
+    assert plan["deepspeed_env"]["PATH"] == plan["hosts"][0]["process"]["env"]["PATH"]
+    table = "\n".join(R.plan_table(plan))
     assert "world size 3 on 2 host(s)" in table and "10.1.0.11:29500" in table
+
+
+def test_process_specs_pdsh_launcher_only_the_master_starts_and_is_watched():
+    plan = make_plan([host("a", 11, [A100(0)]), host("b", 12, [A100(0)])],
+                     {"launcher": "pdsh", "stop_grace": 3, "poll_interval": 2})
+    master, worker = plan["hosts"]
+    argv = master["process"]["argv"]
+    assert argv[argv.index("--launcher"):argv.index("--launcher") + 3] == ["--launcher", "pdsh",
+                                                                           master["paths"]["train"]]
+    assert "--no_ssh" not in master["process"]["argv"]
+    assert master["process"]["env"]["PDSH_RCMD_TYPE"] == "ssh"
+    assert worker["process"] is None and worker["commands"]["start"] is None
+    assert (master["watched"], worker["watched"]) == (True, False)
+    # every host can still be stopped and asked: the pdsh runner's ranks carry the same run directory
+    assert worker["commands"]["stop"]["argv"][-2:] == ["--grace", "3"]
+    assert worker["commands"]["status"]["argv"][-2:] == ["--wait", "2"]
+    assert plan["deepspeed_env"]["NCCL_SOCKET_IFNAME"] == "eth0"
+
+
+def test_ds_config_holds_the_policy():
+    plan = make_plan([host("a", 11, [A100(0), A100(1)])], {"zero_stage": 3, "micro_batch": 2, "grad_accum": 4})
+    c = plan["ds_config"]
+    assert (c["train_batch_size"], c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"]) == (16, 2, 4)
+    assert c["bf16"] == {"enabled": True} and c["fp16"]["enabled"] is False
+    assert c["gradient_clipping"] == 1.0
+    assert c["zero_optimization"]["stage"] == 3
+    assert c["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert "offload_optimizer" not in c["zero_optimization"]
+
+
+def test_offload_keeps_the_same_optimizer():
+    hosts = [host("a", 11, [V100(0)])]
+    plain, offloaded = make_plan(hosts)["ds_config"], make_plan(hosts, {"offload": "cpu"})["ds_config"]
+    assert offloaded["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    same = {k: v for k, v in plain["optimizer"]["params"].items() if k != "torch_adam"}
+    assert {k: v for k, v in offloaded["optimizer"]["params"].items() if k != "torch_adam"} == same
+    assert plain["optimizer"]["type"] == offloaded["optimizer"]["type"] == "AdamW"
+    assert same == {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
+    # torch's AdamW steps it without offload (no op to compile), DeepSpeed's CPU Adam with it
+    assert (plain["optimizer"]["params"]["torch_adam"], offloaded["optimizer"]["params"]["torch_adam"]) == (True,
+                                                                                                            False)
+    cpu = make_plan([host("c", 11)], {"offload": "cpu"})["ds_config"]
+    assert cpu["zero_optimization"]["offload_optimizer"]["pin_memory"] is False
+
+
+def test_dry_run_is_a_plan_field():
+    assert make_plan([host("a", 11, [A100(0)])], {"dry_run": "true"})["dry_run"] is True
+    assert make_plan([host("a", 11, [A100(0)])])["dry_run"] is False
 
 
 def test_interfaces_from_facts():
     facts = {"interfaces": ["lo", "veth-x"], "lo": {"ipv4": {"address": "127.0.0.1", "netmask": "255.0.0.0"}},
              "veth_x": {"ipv4": {"address": "10.2.0.5", "netmask": "255.255.255.0"},
                         "ipv4_secondaries": [{"address": "10.3.0.5", "netmask": "255.255.0.0"}]}}
-    assert F.dsfleet_interfaces(facts) == [{"name": "lo", "ipv4": ["127.0.0.1/8"]},
+    assert P.interfaces(facts) == [{"name": "lo", "ipv4": ["127.0.0.1/8"]},
                                            {"name": "veth-x", "ipv4": ["10.2.0.5/24", "10.3.0.5/16"]}]
 
 
@@ -202,7 +267,7 @@ PLAN2 = None
 
 
 def _two_host_plan(**knobs):
-    return F.dsfleet_plan([host("a", 11, [A100(0)]), host("b", 12, [A100(0)])],
+    return P.make_plan([host("a", 11, [A100(0)]), host("b", 12, [A100(0)])],
                           dict({"max_steps": 10, "run_id": "r"}, **knobs))
 
 
@@ -228,7 +293,7 @@ def _two_host_plan(**knobs):
       "b": {"state": "exited", "rc": 0}}, "failed", "a", "without finishing"),
 ])
 def test_progress_judgement(statuses, state, host, reason):
-    out = F.dsfleet_progress(_two_host_plan(), statuses, 0)
+    out = R.progress(_two_host_plan(), statuses, 0)
     assert out["state"] == state
     assert out["host"] == host
     assert reason in out["reason"]
@@ -240,7 +305,7 @@ def test_progress_judgement(statuses, state, host, reason):
 
 def test_pdsh_mode_watches_only_the_master():
     plan = _two_host_plan(launcher="pdsh")
-    out = F.dsfleet_progress(plan, {"a": {"state": "running", "started_at": 1, "now": 2}, "b": {"state": "missing"}})
+    out = R.progress(plan, {"a": {"state": "running", "started_at": 1, "now": 2}, "b": {"state": "missing"}})
     assert out["state"] == "running"
 
 
@@ -249,9 +314,9 @@ def test_summary_from_metrics():
     metrics = [{"event": "start"}, {"event": "step", "step": 1, "loss": 3.0},
                {"event": "end", "steps": 10, "first_loss": 3.0, "final_loss": 1.5, "tokens_per_s": 900.0,
                 "checkpoint_dir": "/o/checkpoint", "export_dir": "/o/export", "elapsed_s": 4.0}]
-    s = F.dsfleet_summary(plan, metrics, {"run_dir": "/runs/r"})
+    s = R.summary(plan, metrics, {"run_dir": "/runs/r"})
     assert (s["world_size"], s["steps"], s["first_loss"], s["final_loss"]) == (2, 10, 3.0, 1.5)
     assert [h["name"] for h in s["hosts"]] == ["a", "b"] and s["checkpoint_dir"] == "/o/checkpoint"
-    assert any("3.0000 -> 1.5000" in line for line in F.dsfleet_summary_table(s))
-    with pytest.raises(AnsibleFilterError):
-        F.dsfleet_summary(plan, metrics[:2])
+    assert any("3.0000 -> 1.5000" in line for line in R.summary_table(s))
+    with pytest.raises(PlanError):
+        R.summary(plan, metrics[:2])

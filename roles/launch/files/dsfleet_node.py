@@ -5,6 +5,7 @@
     dsfleet_node.py status --run-dir D [--wait S]       JSON: state running|exited|missing, rc, progress, log tail
     dsfleet_node.py stop   --run-dir D [--grace S]      SIGTERM the process group and every process naming D, then KILL
     dsfleet_node.py ps     --run-dir D                  JSON: PIDs of processes whose command line names D
+    dsfleet_node.py port-free --port P                  exit 0 if TCP port P can be bound here, else 1
 
 The run directory's path is the run's marker: every rank's command line contains it (its --output_dir), so `stop`
 and `ps` find ranks started by DeepSpeed's pdsh runner too, by PID, never by process name.
@@ -224,6 +225,21 @@ def cmd_ps(args):
     return 0
 
 
+def cmd_port_free(args):
+    import socket
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("", args.port))
+    except OSError as exc:
+        print(json.dumps({"port": args.port, "free": False, "error": str(exc)}))
+        return 1
+    finally:
+        sock.close()
+    print(json.dumps({"port": args.port, "free": True}))
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -243,6 +259,9 @@ def main(argv=None):
     p = sub.add_parser("ps")
     p.add_argument("--run-dir", required=True)
     p.set_defaults(func=cmd_ps)
+    p = sub.add_parser("port-free")
+    p.add_argument("--port", type=int, required=True)
+    p.set_defaults(func=cmd_port_free)
     args = parser.parse_args(argv)
     return args.func(args)
 

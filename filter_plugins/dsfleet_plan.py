@@ -1,0 +1,47 @@
+# -*- coding: utf-8 -*-
+"""dsfleet plan filters: host records from facts, and the one cluster plan (lib/dsfleet_core/plan.py).
+
+Thin adapters: the decisions, process specs and the DeepSpeed config are computed by the pure functions in
+lib/dsfleet_core, which the unit tests import directly.
+"""
+
+import functools
+import os
+import sys
+
+_LIB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib")
+if _LIB not in sys.path:
+    sys.path.insert(0, _LIB)
+
+from ansible.errors import AnsibleFilterError  # noqa: E402
+
+from dsfleet_core import PlanError  # noqa: E402
+from dsfleet_core import knobs as _knobs  # noqa: E402
+from dsfleet_core import plan as _plan  # noqa: E402
+
+
+def _adapt(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PlanError as exc:
+            raise AnsibleFilterError(str(exc)) from None
+    return wrapper
+
+
+def dsfleet_knob_regex(_=None):
+    """A regex matching every run knob's name, for lookup('ansible.builtin.varnames', ...)."""
+    return "^(%s)$" % "|".join(sorted(_knobs.RUN_KNOBS))
+
+
+class FilterModule(object):
+    """dsfleet plan filters."""
+
+    def filters(self):
+        return {
+            "dsfleet_plan": _adapt(_plan.make_plan),
+            "dsfleet_interfaces": _adapt(_plan.interfaces),
+            "dsfleet_records": _adapt(_plan.records),
+            "dsfleet_knob_regex": dsfleet_knob_regex,
+        }

@@ -1,0 +1,37 @@
+# -*- coding: utf-8 -*-
+"""dsfleet run filters: progress, failure blame, summary and tables (lib/dsfleet_core/run.py)."""
+
+import functools
+import os
+import sys
+
+_LIB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib")
+if _LIB not in sys.path:
+    sys.path.insert(0, _LIB)
+
+from ansible.errors import AnsibleFilterError  # noqa: E402
+
+from dsfleet_core import PlanError  # noqa: E402
+from dsfleet_core import run as _run  # noqa: E402
+
+
+def _adapt(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PlanError as exc:
+            raise AnsibleFilterError(str(exc)) from None
+    return wrapper
+
+
+class FilterModule(object):
+    """dsfleet run filters."""
+
+    def filters(self):
+        return {
+            "dsfleet_plan_table": _adapt(_run.plan_table),
+            "dsfleet_progress": _adapt(_run.progress),
+            "dsfleet_summary": _adapt(_run.summary),
+            "dsfleet_summary_table": _adapt(_run.summary_table),
+        }

@@ -1,0 +1,322 @@
+"""The one knob spec: every name a user may set, its type, default, allowed values and meaning.
+
+Knobs are passed with ``-e name=value`` or set in the inventory (``group_vars/all/``; the host knobs in
+``host_vars/<host>``). Everything that reads or documents them reads this table:
+
+- ``normalize(values)`` types and range-checks the run knobs for the planner (``plan.make_plan``);
+- ``check_user_vars(...)`` is run by ``action_plugins/dsfleet_check_vars.py`` at the start of every play book and
+  turns a misspelt or unknown name, from the command line or the inventory, into an error naming the closest
+  known one, and a value of the wrong type (``-e dry_run=ture``) into an error naming the type;
+- ``readme_table()`` and ``example_group_vars()`` generate the README's knob table and
+  ``inventory/example/group_vars/all/dsfleet.yml`` (``tools/gen_docs.py``; a unit test fails when they drift).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import json
+import re
+from dataclasses import dataclass
+
+from . import PlanError
+
+GROUPS = (
+    ("train", "What to train"),
+    ("deepspeed", "How DeepSpeed runs it"),
+    ("hosts", "Which hosts and devices"),
+    ("run", "How the run is started and watched"),
+    ("host", "Per-host variables"),
+)
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", list: "a list (or a,b,c)",
+              dict: "a mapping", str: "a string"}
+# Names that belong to Ansible itself or to the test harness that drives playbooks (molecule), never to dsfleet.
+FOREIGN_PREFIXES = ("ansible_", "molecule_")
+# Set by Ansible's inventory itself on every host, or magic variables: never the user's.
+ANSIBLE_NAMES = frozenset({"inventory_dir", "inventory_file", "inventory_hostname", "inventory_hostname_short",
+                           "group_names", "groups", "hostvars", "omit", "playbook_dir", "role_path"})
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    kind: type
+    default: object
+    group: str
+    help: str
+    choices: tuple = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    scope: str = "run"          # "run": one value for the whole run; "host": per host
+    shown: str | None = None    # the default as the README shows it, when the value itself says little
+
+    @property
+    def default_text(self):
+        if self.shown is not None:
+            return self.shown
+        return json.dumps(self.default) if not isinstance(self.default, str) else self.default
+
+
+KNOB_LIST = (
+    Knob("model", str, "tiny", "train", "`tiny` (bundled preset: small Llama config, random init, offline "
+         "tokenizer), a local model directory, or a hub id (`org/name`)"),
+    Knob("dataset", str, "bundled", "train", "`bundled` (train/data/corpus.txt, CC0), a "
+         "`.txt`/`.jsonl`/`.json`/`.csv`/`.parquet` file, a `datasets` directory or name"),
+    Knob("text_field", str, "text", "train", "field holding the text in jsonl/datasets records"),
+    Knob("max_steps", int, 50, "train", "optimizer steps", minimum=1),
+    Knob("epochs", int, 0, "train", "stop after this many epochs as well (0: only `max_steps`)", minimum=0),
+    Knob("block_size", int, 128, "train", "tokens per packed training block", minimum=8),
+    Knob("micro_batch", int, 4, "train", "`train_micro_batch_size_per_gpu`", minimum=1),
+    Knob("grad_accum", int, 1, "train", "`gradient_accumulation_steps` (global batch = micro x accum x world size)",
+         minimum=1),
+    Knob("lr", float, 3e-4, "train", "peak learning rate (AdamW, linear warmup then linear decay to 10%)",
+         minimum=0.0),
+    Knob("warmup_steps", int, 0, "train", "linear warmup steps", minimum=0),
+    Knob("seed", int, 1234, "train", "model init and data order"),
+    Knob("log_every", int, 1, "train", "rank 0 writes a metrics line every N steps", minimum=1),
+    Knob("save_every", int, 0, "train", "intermediate checkpoints every N steps (0: only at the end)", minimum=0),
+    Knob("zero_stage", int, 2, "deepspeed", "ZeRO stage", choices=(0, 1, 2, 3)),
+    Knob("offload", str, "none", "deepspeed", "`cpu`: optimizer states on the CPU (DeepSpeed's CPU Adam, same "
+         "AdamW settings as without offload)", choices=("none", "cpu")),
+    Knob("precision", str, "auto", "deepspeed", "`auto`: bf16 if every chosen device supports it, else fp16 on "
+         "GPUs / fp32 on CPUs", choices=("auto", "bf16", "fp16", "fp32")),
+    Knob("accelerator", str, "auto", "hosts", "`auto`: the vendor group with the most accelerator memory",
+         choices=("auto", "nvidia", "amd", "intel", "cpu")),
+    Knob("cpu_ranks", int, 2, "hosts", "ranks per CPU-only host", minimum=1),
+    Knob("exclude", list, [], "hosts", "host names to leave out (`-e exclude=a,b`)"),
+    Knob("require_all_hosts", bool, True, "hosts", "fail if a host is unreachable; `false`: leave it out and "
+         "say so"),
+    Knob("master", str, "", "hosts", "host for rank 0 (checkpoints and the export are written there)",
+         shown="first host"),
+    Knob("master_port", int, 29500, "hosts", "rendezvous port (checked free before launch)", minimum=1024,
+         maximum=65535),
+    Knob("extra_env", dict, {}, "hosts", "extra environment for every rank, e.g. "
+         "`-e '{\"extra_env\": {\"NCCL_DEBUG\": \"INFO\"}}'`"),
+    Knob("launcher", str, "ansible", "run", "`ansible`: Ansible starts `deepspeed --no_ssh --node_rank N` on every "
+         "host and watches each; `pdsh`: DeepSpeed's own multi-node runner from the master",
+         choices=("ansible", "pdsh")),
+    Knob("poll_interval", int, 5, "run", "seconds between progress lines", minimum=1),
+    Knob("stall_timeout", int, 300, "run", "no new step for this long: stop every rank and fail (catches a hung "
+         "rank)", minimum=10),
+    Knob("startup_timeout", int, 600, "run", "no first step within this long: stop and fail", minimum=10),
+    Knob("stop_grace", int, 10, "run", "seconds a rank may take to exit after SIGTERM before it is killed",
+         minimum=0),
+    Knob("run_id", str, "", "run", "name of `runs/<id>` (letters, digits, `.`, `_`, `-`); a finished run id "
+         "is not trained again", shown="timestamp"),
+    Knob("dry_run", bool, False, "run", "compute and render the plan, start nothing"),
+    Knob("other_vars", list, [], "run", "inventory variables that belong to other projects (names or "
+         "`prefix*`), which dsfleet then does not report as unknown"),
+    Knob("gpus", str, "", "host", "devices this host may use, like `CUDA_VISIBLE_DEVICES` (`\"0,2\"`)",
+         scope="host", shown="every device"),
+    Knob("slots", int, None, "host", "at most N ranks on this host", minimum=1, scope="host", shown="one per "
+         "device"),
+    Knob("ifname", str, "", "host", "interface for NCCL/gloo traffic", scope="host", shown="the one facing "
+         "the master"),
+)
+KNOBS = {k.name: k for k in KNOB_LIST}
+RUN_KNOBS = {k.name: k for k in KNOB_LIST if k.scope == "run"}
+HOST_KNOBS = {k.name: k for k in KNOB_LIST if k.scope == "host"}
+
+
+def _fail(msg):
+    raise PlanError("dsfleet: " + msg)
+
+
+def closest(name, known):
+    """The known name nearest to ``name``, or None."""
+    match = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    if match:
+        return match[0]
+    squashed = {k.replace("_", ""): k for k in known}
+    return squashed.get(name.replace("_", "").replace("-", "").lower())
+
+
+def coerce(name, value):
+    """Turn a knob's value (extra vars arrive as strings: -e max_steps=10) into its type, or fail naming it."""
+    kind = KNOBS[name].kind
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+    elif kind is int:
+        if isinstance(value, bool):
+            pass
+        elif isinstance(value, int):
+            return value
+        elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif kind is float:
+        try:
+            if not isinstance(value, bool):
+                return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif kind is list:
+        if isinstance(value, (list, tuple)):
+            return [str(v) for v in value]
+        if isinstance(value, str):
+            if value.strip().startswith("["):
+                try:
+                    return coerce(name, json.loads(value))
+                except ValueError:
+                    pass
+            return [v.strip() for v in value.split(",") if v.strip()]
+    elif kind is dict:
+        if isinstance(value, dict):
+            return {str(k): str(v) for k, v in value.items()}
+        if isinstance(value, str) and value.strip().startswith("{"):
+            try:
+                return coerce(name, json.loads(value))
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    _fail("knob %s=%r must be %s; fix the value passed with -e %s=... or in the inventory"
+          % (name, value, TYPE_NAMES[kind], name))
+
+
+def check_value(name, value):
+    """The typed value of one knob, range- and choice-checked."""
+    knob = KNOBS[name]
+    if value is None:
+        return knob.default
+    value = coerce(name, value)
+    if knob.choices and value not in knob.choices:
+        _fail("%s=%r is not one of %s; pass one of them, e.g. -e %s=%s"
+              % (name, value, ", ".join(map(str, knob.choices)), name, knob.choices[0]))
+    if knob.minimum is not None and value < knob.minimum:
+        _fail("%s=%s must be >= %s; pass a larger value (-e %s=...)" % (name, value, knob.minimum, name))
+    if knob.maximum is not None and value > knob.maximum:
+        _fail("%s=%s must be <= %s; pass a smaller value (-e %s=...)" % (name, value, knob.maximum, name))
+    if name == "run_id" and value and not RUN_ID.fullmatch(value):
+        _fail("run_id=%r may hold only letters, digits, '.', '_' and '-' (and not start with '.' or '-'): it names a "
+              "directory under runs/; pass e.g. -e run_id=llama-ft-1" % value)
+    return value
+
+
+def normalize(values):
+    """Every run knob, typed and checked, from the user's values (None or absent: the default)."""
+    values = dict(values or {})
+    unknown = sorted(set(values) - set(RUN_KNOBS))
+    if unknown:
+        _fail("unknown knob(s) %s; %s" % (", ".join(unknown), "; ".join(_hint(n) for n in unknown)))
+    out = {name: check_value(name, values.get(name)) for name in RUN_KNOBS}
+    if out["lr"] <= 0:
+        _fail("lr=%s must be > 0" % out["lr"])
+    if not out["model"].strip():
+        _fail("model is empty; pass -e model=tiny, a local directory or a hub id")
+    return out
+
+
+def _hint(name):
+    near = closest(name, KNOBS)
+    return ("did you mean %s?" % near) if near else "known knobs: %s" % ", ".join(sorted(KNOBS))
+
+
+def _foreign(name, patterns):
+    if name.startswith(FOREIGN_PREFIXES) or name in ANSIBLE_NAMES:
+        return True
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _is_template(value):
+    return isinstance(value, str) and ("{{" in value or "{%" in value)
+
+
+def check_user_vars(extra_vars, sources, role_options=(), ansible_names=()):
+    """Errors (strings) for what the user set: unknown names, misplaced run knobs and values of the wrong type.
+
+    ``extra_vars`` is what was passed with -e; ``sources`` is a list of ``(label, scope, variables)`` read from
+    the inventory, where label says where the names were found ("group_vars of all", "host_vars of gpu1") and
+    scope is "group" or "host". ``role_options`` are the names the roles' argument specs declare (setup.yml's
+    options: python_env_*, dsfleet_home, ...); ``ansible_names`` are Ansible's own reserved names, never flagged.
+    """
+    known = set(KNOBS) | set(role_options)
+    patterns = [str(n) for n in ansible_names]
+    patterns += coerce("other_vars", extra_vars.get("other_vars") or [])
+    for _, _, variables in sources:
+        if "other_vars" in variables and not _is_template(variables["other_vars"]):
+            patterns += coerce("other_vars", variables["other_vars"])
+    errors = []
+    places = [("what was passed with -e", "extra", extra_vars)] + [(label, scope, v) for label, scope, v in sources]
+    for label, scope, variables in places:
+        for name in sorted(variables):
+            value = variables[name]
+            if _foreign(name, patterns):
+                continue
+            if name not in known:
+                near = closest(name, known)
+                errors.append("unknown variable %r in %s%s" % (
+                    name, label, ("; did you mean %r?" % near) if near else
+                    "; dsfleet's knobs are listed in README.md (or add it to other_vars if it belongs to another "
+                    "project)"))
+                continue
+            if name in RUN_KNOBS and scope == "host":
+                errors.append("%s is set in %s, but it is one value for the whole run; set it in group_vars/all or "
+                              "pass -e %s=..." % (name, label, name))
+                continue
+            if name in KNOBS and not _is_template(value):
+                try:
+                    check_value(name, value)
+                except PlanError as exc:
+                    errors.append("%s (in %s)" % (str(exc).replace("dsfleet: ", "", 1), label))
+    return errors
+
+
+# -----------------------------------------------------------------------------------------------------------
+# generated documentation
+
+def readme_table():
+    """The README's knob table (markdown lines)."""
+    lines = ["| knob | default | meaning |", "|---|---|---|"]
+    for knob in KNOB_LIST:
+        choices = (" One of " + ", ".join("`%s`" % c for c in knob.choices) + ".") if knob.choices else ""
+        lines.append("| `%s` | `%s` | %s.%s |" % (knob.name, knob.default_text, knob.help, choices))
+    return lines
+
+
+def _yaml_scalar(value):
+    if isinstance(value, str):
+        return '""' if value == "" else value
+    if value is None:
+        return "null"
+    return json.dumps(value)
+
+
+def example_group_vars(role_options=()):
+    """inventory/example/group_vars/all/dsfleet.yml: every knob with its default, commented out.
+
+    ``role_options`` is a list of (name, default text, description) for setup.yml's role options.
+    """
+    out = ["---",
+           "# Generated by tools/gen_docs.py from lib/dsfleet_core/knobs.py (the one knob spec); do not edit.",
+           "# Every launch.yml knob with its default. Uncomment to change; -e on the command line wins. An unknown",
+           "# name or a wrong type is an error naming the closest knob."]
+    for group, title in GROUPS:
+        knobs = [k for k in KNOB_LIST if k.group == group]
+        if group == "host":
+            out += ["", "# --- %s " % title + "-" * max(3, 100 - len(title) - 7)]
+            out.append("# (not here: in host_vars/<host>.yml or on the host's line in hosts.yml)")
+            for k in knobs:
+                out.append("#   %s  %s (default: %s)" % (k.name.ljust(8), _plain(k.help), k.default_text))
+            continue
+        out += ["", "# --- %s " % title + "-" * max(3, 100 - len(title) - 7)]
+        for k in knobs:
+            line = "# %s: %s" % (k.name, _yaml_scalar(k.default))
+            out.append("%s  # %s" % (line.ljust(34), _plain(k.help) + (" (" + ", ".join(map(str, k.choices)) + ")"
+                                                                          if k.choices else "")))
+    if role_options:
+        out += ["", "# --- setup.yml (role options; see roles/*/meta/argument_specs.yml) " + "-" * 32]
+        for name, default, description in role_options:
+            line = "# %s: %s" % (name, default)
+            out.append("%s  # %s" % (line.ljust(44), description))
+    return "\n".join(out) + "\n"
+
+
+def _plain(text):
+    return text.replace("`", "")

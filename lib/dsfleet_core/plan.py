@@ -1,0 +1,472 @@
+"""The cluster plan: every decision of a run, and every process it starts, computed once from facts and knobs.
+
+Data flows one way: facts -> plan -> files -> processes -> results.
+
+``make_plan(hosts, knobs)`` decides which hosts take part and with how many ranks, the accelerator, backend,
+precision, master address and port, network interfaces, batch sizes and training arguments, the DeepSpeed config
+(``plan["ds_config"]``, the whole policy: optimizer, clipping, ZeRO settings) and, per host, the exact processes
+(``hosts[i]["process"]``: argv, environment, working directory of the rank-starting command; and
+``hosts[i]["commands"]``: preflight, start, status, stop, ps, port check). Templates and tasks only render or run
+these; no command line or environment is assembled anywhere else. It is a pure function (no I/O, no clock),
+tested with tables of clusters in tests/unit/test_plan.py.
+
+A host record (built per host by roles/plan from facts) looks like::
+
+    {"name": "gpu1", "address": "10.0.0.11", "local": false, "reachable": true,
+     "gpu": <ansible_facts.dsfleet_gpu from the gpu_facts module>,
+     "interfaces": [{"name": "eth0", "ipv4": ["10.0.0.11/24"]}],
+     "slots": null, "ifname": null, "home": "/root/.dsfleet", "venv": "/root/.dsfleet/venv",
+     "path": "/usr/local/bin:/usr/bin:/bin", "ld_library_path": ""}
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from . import PlanError
+from . import knobs as K
+
+PLAN_VERSION = 2
+VENDORS = ("nvidia", "amd", "intel")
+# vendor -> (torch.distributed backend, DS_ACCELERATOR, the socket-ifname variable its library reads)
+BACKENDS = {
+    "nvidia": ("nccl", "cuda", "NCCL_SOCKET_IFNAME"),
+    "amd": ("nccl", "cuda", "NCCL_SOCKET_IFNAME"),  # RCCL answers to the nccl backend on ROCm builds of torch
+    "intel": ("xccl", "xpu", "CCL_SOCKET_IFNAME"),
+    "cpu": ("gloo", "cpu", "GLOO_SOCKET_IFNAME"),
+}
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# The optimizer, the same whether or not its states are offloaded: AdamW with these settings, weight decay on
+# matrices only (train.py puts norms and biases in a group with weight_decay 0). Without offload torch's AdamW
+# steps it (no op to compile: DeepSpeed's FusedAdam would need nvcc on every GPU host); with offload=cpu
+# DeepSpeed's CPU Adam does, in AdamW mode, with the same hyperparameters.
+OPTIMIZER = {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
+GRADIENT_CLIPPING = 1.0
+
+
+def _fail(msg):
+    raise PlanError("dsfleet plan: " + msg)
+
+
+normalize_knobs = K.normalize
+
+
+def _networks(host):
+    """Every IPv4 interface network of a host as (ifname, IPv4Interface)."""
+    nets = []
+    for iface in host.get("interfaces") or []:
+        for cidr in iface.get("ipv4") or []:
+            try:
+                nets.append((iface["name"], ipaddress.IPv4Interface(cidr)))
+            except (ValueError, KeyError):
+                continue
+    return nets
+
+
+def _as_ip(value):
+    try:
+        return ipaddress.IPv4Address(str(value))
+    except ValueError:
+        return None
+
+
+def _is_local_only(hosts):
+    return len(hosts) == 1 and (hosts[0].get("local") or str(hosts[0].get("address")) in LOOPBACK_NAMES)
+
+
+def choose_master_address(master, others):
+    """An address of ``master`` that the ``others`` reach, and the master's interface carrying it.
+
+    Prefer the master's interface whose network holds most of the other hosts' addresses; else the master's
+    own inventory address if it is one of its interface addresses.  Never ``ansible_default_ipv4`` blindly.
+    """
+    nets = [(n, i) for n, i in _networks(master) if not i.ip.is_loopback]
+    other_ips = [ip for ip in (_as_ip(h.get("address")) for h in others) if ip is not None]
+    best, best_count = None, 0
+    for name, iface in nets:
+        count = sum(1 for ip in other_ips if ip in iface.network)
+        if count > best_count:
+            best, best_count = (name, iface), count
+    if best is not None:
+        return str(best[1].ip), best[0]
+    own = _as_ip(master.get("address"))
+    for name, iface in nets:
+        if own is not None and iface.ip == own:
+            return str(own), name
+    _fail("cannot find an address of master host %s that the other hosts (%s) reach: none of its interfaces "
+          "(%s) shares a network with their addresses; set ansible_host of every host to an IP address on the "
+          "cluster network, or pick another master with -e master=HOST"
+          % (master["name"], ", ".join(h["name"] for h in others),
+             ", ".join("%s %s" % (n, i.with_prefixlen) for n, i in nets) or "none"))
+
+
+def host_ifname(host, master_ip):
+    """The interface of ``host`` whose network routes to the master address (an ifname host var wins)."""
+    if host.get("ifname"):
+        return str(host["ifname"])
+    ip = ipaddress.IPv4Address(master_ip)
+    for name, iface in _networks(host):
+        if ip in iface.network:
+            return name
+    _fail("host %s has no interface on the network of master address %s (its interfaces: %s); connect it to "
+          "that network, set `ifname` in its host vars, or exclude it with -e exclude=%s"
+          % (host["name"], master_ip, ", ".join("%s %s" % (n, i.with_prefixlen) for n, i in _networks(host))
+             or "none", host["name"]))
+
+
+def _group_of(host):
+    gpu = host.get("gpu") or {}
+    acc = gpu.get("accelerator") or "cpu"
+    return acc if (acc in VENDORS and gpu.get("gpus")) else "cpu"
+
+
+def _devices(host, accelerator, cpu_ranks):
+    """(slots, device indices or None, device memory MiB per rank, bf16 ok, label) for a host in the plan."""
+    gpu = host.get("gpu") or {}
+    if accelerator == "cpu":
+        cpu = gpu.get("cpu") or {}
+        slots = int(host.get("slots") or cpu_ranks)
+        memory = int(cpu.get("memory_mib") or 0) // max(slots, 1)
+        return slots, None, memory, bool(cpu.get("bf16")), cpu.get("model") or "cpu"
+    gpus = sorted(gpu.get("gpus") or [], key=lambda g: int(g["index"]))
+    limit = host.get("slots")
+    if limit:
+        if int(limit) > len(gpus):
+            _fail("host %s sets slots=%s but has only %d %s device(s); lower `slots` in its host vars"
+                  % (host["name"], limit, len(gpus), accelerator))
+        gpus = gpus[: int(limit)]
+    names = sorted(set(g.get("name") or "?" for g in gpus))
+    return (len(gpus), [int(g["index"]) for g in gpus], min(int(g.get("memory_mib") or 0) for g in gpus),
+            all(bool(g.get("bf16")) for g in gpus), ", ".join(names))
+
+
+def _precision(k, accelerator, chosen):
+    all_bf16 = all(h["bf16"] for h in chosen)
+    if k["precision"] == "auto":
+        if all_bf16:
+            return "bf16"
+        return "fp32" if accelerator == "cpu" else "fp16"
+    if k["precision"] == "bf16" and not all_bf16:
+        bad = [h["name"] for h in chosen if not h["bf16"]]
+        _fail("precision=bf16 but %s cannot run bf16 (%s); use -e precision=%s or exclude those hosts"
+              % (", ".join(bad), "no avx512_bf16/amx on the CPU" if accelerator == "cpu"
+                 else "compute capability < 8.0 or an older arch", "fp32" if accelerator == "cpu" else "fp16"))
+    if k["precision"] == "fp16" and accelerator == "cpu":
+        _fail("precision=fp16 is not supported by DeepSpeed on CPU; use -e precision=bf16 or fp32")
+    return k["precision"]
+
+
+def make_plan(hosts, knobs=None):
+    """Compute the one cluster plan from host records and the user's knobs (see module docstring)."""
+    k = normalize_knobs(knobs)
+    if not k["run_id"]:
+        _fail("run_id is empty; the plan role names the run before planning (pass -e run_id=NAME by hand)")
+    if not hosts:
+        _fail("the inventory has no host in group dsfleet; add hosts to inventory (see inventory/example)")
+    names = [h["name"] for h in hosts]
+    for name in k["exclude"]:
+        if name not in names:
+            _fail("exclude names %s, which is not in the inventory (hosts: %s); fix -e exclude=..."
+                  % (name, ", ".join(names)))
+
+    excluded, candidates = [], []
+    for host in hosts:
+        if host["name"] in k["exclude"]:
+            excluded.append({"name": host["name"], "reason": "excluded by the user (exclude=)"})
+        elif not host.get("reachable", True) or not host.get("gpu"):
+            if k["require_all_hosts"]:
+                _fail("host %s is unreachable or returned no facts; check that it is up and that `ssh %s` works "
+                      "(run setup.yml), or leave it out with -e exclude=%s (or -e require_all_hosts=false)"
+                      % (host["name"], host.get("address") or host["name"], host["name"]))
+            excluded.append({"name": host["name"], "reason": "unreachable (no facts gathered)"})
+        else:
+            candidates.append(host)
+    if not candidates:
+        _fail("every host is excluded or unreachable (%s); nothing to train on — remove hosts from exclude="
+              % ", ".join("%s: %s" % (e["name"], e["reason"]) for e in excluded))
+
+    # Choose the accelerator: the vendor group with the most total accelerator memory, unless the user chose.
+    groups = {}
+    for host in candidates:
+        groups.setdefault(_group_of(host), []).append(host)
+    memory = {v: sum(int(g.get("memory_mib") or 0) for h in groups.get(v, []) for g in h["gpu"]["gpus"])
+              for v in VENDORS}
+    if k["accelerator"] == "auto":
+        gpu_vendors = [v for v in VENDORS if groups.get(v)]
+        accelerator = max(gpu_vendors, key=lambda v: (memory[v], -VENDORS.index(v))) if gpu_vendors else "cpu"
+    else:
+        accelerator = k["accelerator"]
+        if accelerator != "cpu" and not groups.get(accelerator):
+            _fail("accelerator=%s but no reachable, non-excluded host has a %s device (found: %s); pick another "
+                  "with -e accelerator=..., or auto" % (accelerator, accelerator, ", ".join(
+                      "%s: %s" % (h["name"], _group_of(h)) for h in candidates)))
+    if accelerator == "cpu":
+        members = list(candidates)
+    else:
+        members = groups[accelerator]
+        for host in candidates:
+            if host not in members:
+                group = _group_of(host)
+                excluded.append({"name": host["name"], "reason": (
+                    "no accelerator (CPU only); the plan uses %s" % accelerator if group == "cpu" else
+                    "%s devices; the plan uses %s (one job cannot mix vendors' collectives)" % (group, accelerator))})
+
+    # Order: the chosen master first (rank 0 lives there), then inventory order.
+    if k["master"]:
+        if k["master"] not in [h["name"] for h in members]:
+            _fail("master=%s is not one of the hosts taking part (%s)"
+                  % (k["master"], ", ".join(h["name"] for h in members)))
+        members = [h for h in members if h["name"] == k["master"]] + [h for h in members if h["name"] != k["master"]]
+
+    seen = {}
+    for host in members:
+        addr = str(host.get("address") or host["name"])
+        if addr in seen and len(members) > 1:
+            _fail("hosts %s and %s resolve to the same address %s; give each its own ansible_host, or exclude one"
+                  % (seen[addr], host["name"], addr))
+        seen[addr] = host["name"]
+
+    if k["launcher"] == "pdsh" and len(set((h.get("home"), h.get("venv")) for h in members)) > 1:
+        _fail("launcher=pdsh runs the same command line on every host, but the dsfleet paths differ (%s); set the "
+              "same dsfleet_home for all hosts in group_vars, or use -e launcher=ansible"
+              % ", ".join("%s: %s" % (h["name"], h.get("venv")) for h in members))
+    backend, ds_accelerator, ifname_var = BACKENDS[accelerator]
+    if _is_local_only(members):
+        master_addr, local = "127.0.0.1", True
+    else:
+        master_addr, _ = choose_master_address(members[0], members[1:])
+        local = False
+
+    plan_hosts, rank = [], 0
+    for node_rank, host in enumerate(members):
+        slots, devices, mem, bf16, label = _devices(host, accelerator, k["cpu_ranks"])
+        ifname = "lo" if local and not host.get("ifname") else host_ifname(host, master_addr)
+        cpu = (host.get("gpu") or {}).get("cpu") or {}
+        env = {ifname_var: ifname}
+        if host.get("ld_library_path"):
+            env["LD_LIBRARY_PATH"] = str(host["ld_library_path"])
+        if accelerator == "cpu":
+            env["OMP_NUM_THREADS"] = str(max(1, int(cpu.get("cores") or 1) // slots))
+        if accelerator == "nvidia" and ifname_var != "GLOO_SOCKET_IFNAME":
+            env["GLOO_SOCKET_IFNAME"] = ifname  # torch also opens gloo groups (e.g. for CPU barriers)
+        env.update(k["extra_env"])
+        plan_hosts.append({
+            "name": host["name"],
+            "address": "localhost" if local else str(host.get("address") or host["name"]),
+            "node_rank": node_rank,
+            "slots": slots,
+            "first_rank": rank,
+            "devices": devices,
+            "device_name": label,
+            "memory_mib": mem,
+            "bf16": bf16,
+            "ifname": ifname,
+            "env": env,
+        })
+        rank += slots
+    if rank == 0:
+        _fail("the chosen hosts offer no ranks; check `slots`/`gpus` host vars")
+    precision = _precision(k, accelerator, plan_hosts)
+
+    # DeepSpeed's --include keeps the exact device indices when a host's devices are not 0..n-1.
+    include = None
+    if accelerator != "cpu" and any(h["devices"] != list(range(h["slots"])) for h in plan_hosts):
+        include = "@".join("%s:%s" % (h["address"], ",".join(map(str, h["devices"]))) for h in plan_hosts)
+
+    ifnames = sorted(set(h["ifname"] for h in plan_hosts))
+    warnings = []
+    if len(ifnames) > 1:
+        warnings.append("hosts use different interfaces (%s); the pdsh launcher's shared .deepspeed_env lists them "
+                        "all, the ansible launcher sets each host's own" % ", ".join(ifnames))
+    common_env = {ifname_var: ",".join(ifnames)}
+    if members[0].get("ld_library_path"):
+        common_env["LD_LIBRARY_PATH"] = str(members[0]["ld_library_path"])
+    if accelerator == "cpu":
+        common_env["OMP_NUM_THREADS"] = str(min(int(h["env"]["OMP_NUM_THREADS"]) for h in plan_hosts))
+    if "GLOO_SOCKET_IFNAME" in plan_hosts[0]["env"]:
+        common_env["GLOO_SOCKET_IFNAME"] = ",".join(ifnames)
+    common_env.update(k["extra_env"])
+
+    world = rank
+    batch = {"micro": k["micro_batch"], "grad_accum": k["grad_accum"],
+             "global": k["micro_batch"] * k["grad_accum"] * world}
+    plan = {
+        "version": PLAN_VERSION,
+        "run_id": k["run_id"],
+        "accelerator": accelerator,
+        "ds_accelerator": ds_accelerator,
+        "backend": backend,
+        "precision": precision,
+        "world_size": world,
+        "nodes": len(plan_hosts),
+        "uneven": len(set(h["slots"] for h in plan_hosts)) > 1,
+        "master": {"name": plan_hosts[0]["name"], "address": master_addr, "port": k["master_port"]},
+        "hosts": plan_hosts,
+        "excluded": excluded,
+        "min_device_memory_mib": min(h["memory_mib"] for h in plan_hosts),
+        "include": include,
+        "env": common_env,
+        "launcher": k["launcher"],
+        "zero": {"stage": k["zero_stage"], "offload": k["offload"]},
+        "batch": batch,
+        "training": {
+            "model": k["model"], "dataset": k["dataset"], "text_field": k["text_field"],
+            "max_steps": k["max_steps"], "epochs": k["epochs"], "block_size": k["block_size"], "lr": k["lr"],
+            "warmup_steps": k["warmup_steps"], "seed": k["seed"], "log_every": k["log_every"],
+            "save_every": k["save_every"],
+        },
+        "watch": {"poll_interval": k["poll_interval"], "stall_timeout": k["stall_timeout"],
+                  "startup_timeout": k["startup_timeout"], "stop_grace": k["stop_grace"]},
+        "dry_run": k["dry_run"],
+        "warnings": warnings,
+    }
+    plan["ds_config"] = ds_config(plan)
+    return add_processes(plan, members)
+
+
+
+
+# -----------------------------------------------------------------------------------------------------------
+# host records from facts
+
+def interfaces(facts):
+    """[{name, ipv4: [cidr, ...]}] from a host's gathered network facts (ansible_facts)."""
+    out = []
+    for name in sorted(facts.get("interfaces") or []):
+        data = facts.get(name.replace("-", "_")) or facts.get(name) or {}
+        cidrs = []
+        for item in [data.get("ipv4")] + list(data.get("ipv4_secondaries") or []):
+            if isinstance(item, dict) and item.get("address") and item.get("netmask"):
+                cidrs.append(str(ipaddress.IPv4Interface("%s/%s" % (item["address"], item["netmask"]))))
+        out.append({"name": name, "ipv4": cidrs})
+    return out
+
+
+def records(names, hostvars):
+    """Host records for the planner from hostvars; a host without a record (unreachable) gets reachable=false."""
+    records = []
+    for name in names:
+        record = dict(hostvars[name].get("dsfleet_host_record") or {})
+        if not record:
+            record = {"name": name, "address": hostvars[name].get("ansible_host", name), "reachable": False}
+        records.append(record)
+    return records
+
+
+# -----------------------------------------------------------------------------------------------------------
+# what the hosts run: the DeepSpeed config, paths, and every command line with its environment
+
+def ds_config(plan):
+    """The DeepSpeed config of the run: batch sizes, precision, ZeRO, optimizer. All policy lives here."""
+    zero = {"stage": plan["zero"]["stage"], "overlap_comm": False, "contiguous_gradients": True}
+    offload = plan["zero"]["offload"] != "none"
+    if offload:
+        zero["offload_optimizer"] = {"device": plan["zero"]["offload"], "pin_memory": plan["accelerator"] != "cpu"}
+    if plan["zero"]["stage"] == 3:
+        # the end-of-run export gathers the full 16-bit weights from every rank's shard
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_batch_size": plan["batch"]["global"],
+        "train_micro_batch_size_per_gpu": plan["batch"]["micro"],
+        "gradient_accumulation_steps": plan["batch"]["grad_accum"],
+        "gradient_clipping": GRADIENT_CLIPPING,
+        "steps_per_print": 1000000,
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": plan["precision"] == "bf16"},
+        "fp16": {"enabled": plan["precision"] == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": dict(OPTIMIZER, lr=plan["training"]["lr"], torch_adam=not offload)},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    }
+
+
+def host_paths(home, venv, run_id):
+    """Where everything of a run lives on a host (the same layout on every host)."""
+    run_dir = "%s/runs/%s" % (home, run_id)
+    return {
+        "home": home, "venv": venv, "bin": venv + "/bin", "python": venv + "/bin/python",
+        "deepspeed": venv + "/bin/deepspeed", "code": home + "/code", "node": home + "/code/dsfleet_node.py",
+        "train": home + "/code/train/train.py", "run_dir": run_dir, "out": run_dir + "/out",
+        "log": run_dir + "/node.log", "metrics": run_dir + "/out/metrics.jsonl",
+        "hostfile": run_dir + "/hostfile", "ds_config": run_dir + "/ds_config.json",
+    }
+
+
+def train_args(plan, paths):
+    """The training module's arguments, from the plan."""
+    t = plan["training"]
+    args = ["--deepspeed_config", paths["ds_config"], "--output_dir", paths["out"],
+            "--model", t["model"], "--dataset", t["dataset"], "--text_field", t["text_field"],
+            "--max_steps", str(t["max_steps"]), "--block_size", str(t["block_size"]), "--lr", repr(t["lr"]),
+            "--warmup_steps", str(t["warmup_steps"]), "--seed", str(t["seed"]), "--log_every", str(t["log_every"]),
+            "--save_every", str(t["save_every"])]
+    if t["epochs"]:
+        args += ["--epochs", str(t["epochs"])]
+    return args
+
+
+def launcher_args(plan, node_rank, paths):
+    """DeepSpeed launcher arguments: one node (--no_ssh --node_rank) or, with node_rank None, the pdsh runner."""
+    args = ["--hostfile", paths["hostfile"], "--master_addr", plan["master"]["address"],
+            "--master_port", str(plan["master"]["port"])]
+    if plan["include"]:
+        args += ["--include", plan["include"]]
+    if node_rank is None:
+        args += ["--launcher", "pdsh"]
+    else:
+        args += ["--no_ssh", "--node_rank", str(node_rank)]
+    return args
+
+
+def _process_env(plan, host, paths, common=False):
+    """The environment of a rank-starting command on ``host`` (``common``: the one the pdsh runner exports)."""
+    env = {"PATH": paths["bin"] + ":" + (host.get("path") or SYSTEM_PATH),
+           "DS_ACCELERATOR": plan["ds_accelerator"], "PYTHONUNBUFFERED": "1"}
+    env.update(plan["env"] if common else host["env"])
+    return env
+
+
+def _node(paths, verb, *args):
+    return [paths["python"], paths["node"], verb, "--run-dir", paths["run_dir"]] + list(args)
+
+
+def add_processes(plan, records):
+    """Per host: paths, the rank-starting process, and the supervisor commands that start, watch and stop it."""
+    by_name = {r["name"]: r for r in records}
+    pdsh = plan["launcher"] == "pdsh"
+    for host in plan["hosts"]:
+        record = by_name[host["name"]]
+        paths = host_paths(record["home"], record.get("venv") or record["home"] + "/venv", plan["run_id"])
+        host["paths"] = paths
+        host["path"] = record.get("path") or SYSTEM_PATH
+        is_master = host["node_rank"] == 0
+        # pdsh: the runner on the master starts every rank and holds every host's output; the ansible launcher
+        # starts and watches each host's own launcher
+        host["watched"] = is_master or not pdsh
+        env = _process_env(plan, host, paths)
+        process = None
+        if pdsh and is_master:
+            env["PDSH_RCMD_TYPE"] = "ssh"
+            process = {"argv": [paths["deepspeed"]] + launcher_args(plan, None, paths) + [paths["train"]]
+                       + train_args(plan, paths), "env": env, "cwd": paths["run_dir"]}
+        elif not pdsh:
+            process = {"argv": [paths["deepspeed"]] + launcher_args(plan, host["node_rank"], paths)
+                       + [paths["train"]] + train_args(plan, paths), "env": env, "cwd": paths["run_dir"]}
+        host["process"] = process
+        host["commands"] = {
+            "preflight": {"argv": [paths["python"], paths["train"], "--preflight"] + train_args(plan, paths),
+                          "env": dict(env), "cwd": paths["run_dir"]},
+            "start": None if process is None else {
+                "argv": _node(paths, "start", "--") + process["argv"], "env": process["env"], "cwd": process["cwd"]},
+            "status": {"argv": _node(paths, "status", "--wait", str(plan["watch"]["poll_interval"]))},
+            "stop": {"argv": _node(paths, "stop", "--grace", str(plan["watch"]["stop_grace"]))},
+            "ps": {"argv": _node(paths, "ps")},
+            "port_check": {"argv": [paths["python"], paths["node"], "port-free", "--port",
+                                    str(plan["master"]["port"])]} if is_master else None,
+        }
+    master = plan["hosts"][0]
+    plan["deepspeed_env"] = _process_env(plan, master, master["paths"], common=True)
+    return plan
