@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import socket
 import sys
 import tempfile
 
@@ -31,8 +32,21 @@ class Result:
         return "<playbook rc=%s changed=%s failures=%r>" % (self.rc, self.changed, self.failures)
 
 
+def free_port():
+    """A TCP port free on this machine now (tests never assume 29500: a real job may hold it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_playbook(playbook, extravars=None, inventory=None, timeout=1800, cmdline=None, envvars=None):
-    """Run ROOT/playbook with the repository's ansible.cfg; inventory defaults to the embedded localhost one."""
+    """Run ROOT/playbook with the repository's ansible.cfg; inventory defaults to the embedded localhost one.
+
+    A launch on this machine (the default inventory) gets a free master_port unless the test names one.
+    """
+    extravars = dict(extravars or {})
+    if inventory is None and playbook == "launch.yml" and "master_port" not in extravars:
+        extravars["master_port"] = free_port()
     env = {"ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1",
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     env.update(envvars or {})

@@ -52,6 +52,10 @@ def example_text():
     return knobs.example_group_vars(role_options())
 
 
+def _shown(path):
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a file differs")
@@ -61,11 +65,11 @@ def main(argv=None):
     if args.check:
         for path in stale:
             print("%s is out of date with lib/dsfleet_core/knobs.py; run python3 tools/gen_docs.py"
-                  % path.relative_to(ROOT), file=sys.stderr)
+                  % _shown(path), file=sys.stderr)
         return 1 if stale else 0
     for path in stale:
         path.write_text(wanted[path])
-        print("wrote %s" % path.relative_to(ROOT))
+        print("wrote %s" % _shown(path))
     return 0
 
 

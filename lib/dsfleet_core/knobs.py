@@ -264,7 +264,7 @@ def check_user_vars(extra_vars, sources, role_options=(), ansible_names=()):
                 try:
                     check_value(name, value)
                 except PlanError as exc:
-                    errors.append("%s (in %s)" % (str(exc).replace("dsfleet: ", "", 1), label))
+                    errors.append("in %s: %s" % (label, str(exc).replace("dsfleet: ", "", 1)))
     return errors
 
 

@@ -22,8 +22,7 @@ from helpers import ROOT, RUNS, run_playbook
 sys.path.insert(0, str(ROOT / "tests" / "rig"))
 import rig as rigmod  # noqa: E402
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]
 
 WORK = ROOT / "tests" / ".work"
 VARS = {

@@ -15,8 +15,7 @@ import pytest
 TESTS = pathlib.Path(__file__).resolve().parents[1]
 BASE_CONFIG = TESTS / ".config" / "molecule" / "config.yml"
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]
 
 
 def _leftovers(prefix):

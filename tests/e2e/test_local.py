@@ -14,9 +14,6 @@ import pytest
 
 from helpers import RUNS, load_summary, run_playbook
 
-pytestmark = pytest.mark.slow
-
-
 def _run_id(tag):
     return "test-%s-%s" % (tag, uuid.uuid4().hex[:6])
 

@@ -1,9 +1,10 @@
-"""Tests for train/train.py, the bundled tiny preset and the bundled corpus.
+"""Tests for train/train.py with the training interpreter: tokenizer, datasets, the tiny preset, the CLI and real DeepSpeed runs
+(the torch-free pieces are tested directly in tests/unit/test_train_pure.py).
 
 The test runner's python has no torch, so everything here runs train.py's code in a subprocess with the
 training interpreter: $DSFLEET_TRAIN_PYTHON (default ~/.dsfleet/venv/bin/python, read per test; with torch, deepspeed,
 transformers, datasets). The pieces are loaded from the file with importlib and called directly; the CLI
-contract is checked by running the script. test_deepspeed_run (marked slow) launches a real
+contract is checked by running the script. test_deepspeed_run launches a real
 2-rank CPU DeepSpeed run with the gloo backend.
 """
 import json
@@ -79,40 +80,6 @@ def ds_config(tmp_path):
 
 # --- tokenize + pack, shard, order ------------------------------------------------------------------
 
-@pytest.mark.parametrize("docs, block, expected", [
-    ([[1, 2], [3]], 2, [[1, 2], [0, 3]]),                 # stream 1 2 0 3 0: the trailing eos is dropped
-    ([[1, 2, 3]], 2, [[1, 2], [3, 0]]),
-    ([[1, 2, 3, 4, 5]], 3, [[1, 2, 3], [4, 5, 0]]),
-    ([[1]], 4, []),                                       # too short for one block
-    ([], 2, []),
-])
-def test_pack_joins_documents_with_eos_and_keeps_full_blocks(docs, block, expected):
-    assert run_py(f"out(T.pack({docs!r}, 0, {block}))") == expected
-
-
-def test_shard_gives_disjoint_equal_slices_by_rank():
-    result = run_py("out([T.shard(list(range(11)), r, 3) for r in range(3)])")
-    assert result == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]   # 11 -> 9 blocks so every rank gets 3
-
-
-def test_shard_single_rank_keeps_everything():
-    assert run_py("out(T.shard(list(range(5)), 0, 1))") == [0, 1, 2, 3, 4]
-
-
-def test_epoch_order_is_a_seeded_permutation():
-    a, b, c, d = run_py("out([T.epoch_order(50, 1234, 0), T.epoch_order(50, 1234, 0), "
-                        "T.epoch_order(50, 1234, 1), T.epoch_order(50, 7, 0)])")
-    assert sorted(a) == list(range(50))
-    assert a == b and a != c and a != d
-
-
-def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    factors = run_py("f = T.lr_lambda(2, 10); out([f(s) for s in range(10)])")
-    assert factors[:3] == [0.5, 1.0, 1.0]
-    assert factors == sorted(factors[:2]) + sorted(factors[2:], reverse=True)
-    assert factors[-1] == pytest.approx(0.1)
-
-
 def test_tokenize_and_pack_the_bundled_corpus_with_the_tiny_tokenizer():
     result = run_py(f"""
         from transformers import AutoTokenizer
@@ -133,144 +100,7 @@ def test_tokenize_and_pack_the_bundled_corpus_with_the_tiny_tokenizer():
 
 # --- ds_config reading --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("config, expected", [
-    ({"train_micro_batch_size_per_gpu": 4},
-     {"micro_batch": 4, "grad_accum": 1, "zero_stage": 0, "precision": "fp32",
-      "has_optimizer": False, "has_scheduler": False}),
-    ({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 8, "bf16": {"enabled": True},
-      "zero_optimization": {"stage": 3}, "train_batch_size": "auto"},
-     {"micro_batch": 2, "grad_accum": 8, "zero_stage": 3, "precision": "bf16",
-      "has_optimizer": False, "has_scheduler": False}),
-    ({"train_micro_batch_size_per_gpu": 1, "fp16": {"enabled": True}, "zero_optimization": {"stage": 1},
-      "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}, "scheduler": {"type": "WarmupLR", "params": {}}},
-     {"micro_batch": 1, "grad_accum": 1, "zero_stage": 1, "precision": "fp16",
-      "has_optimizer": True, "has_scheduler": True}),
-])
-def test_read_ds_config_settings(tmp_path, config, expected):
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps(config))
-    assert run_py(f"out(T.read_ds_config({str(path)!r})[1])") == expected
-
-
-@pytest.mark.parametrize("text, message", [
-    ("{not json", "is not valid JSON"),
-    ("[1, 2]", "must hold a JSON object"),
-    ("{}", "train_micro_batch_size_per_gpu is missing"),
-    ('{"train_micro_batch_size_per_gpu": 0}', "must be a positive integer"),
-    ('{"train_micro_batch_size_per_gpu": "auto"}', 'is "auto"'),
-    ('{"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1.5}', "gradient_accumulation_steps"),
-    ('{"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": true}, "fp16": {"enabled": true}}', "both enabled"),
-    ('{"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": "yes"}}', "bf16.enabled must be true or false"),
-    ('{"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 4}}', "stage must be 0, 1, 2 or 3"),
-    ('{"train_micro_batch_size_per_gpu": 1, "zero_optimization": []}', "zero_optimization must be an object"),
-    ('{"train_micro_batch_size_per_gpu": 1, "optimizer": {"params": {}}}', "optimizer.type is missing"),
-    ('{"train_micro_batch_size_per_gpu": 1, "gradient_clipping": "auto"}', '"auto" is not supported for gradient_clipping'),
-    ('{"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}',
-     "offload_optimizer needs"),
-])
-def test_read_ds_config_rejects_bad_configs(tmp_path, text, message):
-    path = tmp_path / "ds.json"
-    path.write_text(text)
-    error = run_py(f"out(err(T.read_ds_config, {str(path)!r}))")
-    assert error and message in error, error
-
-
-def test_read_ds_config_missing_file(tmp_path):
-    error = run_py(f"out(err(T.read_ds_config, {str(tmp_path / 'nope.json')!r}))")
-    assert "does not exist" in error
-
-
-def test_fill_auto_fills_batch_and_lr_and_checks_the_product():
-    result = run_py("""
-        cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3, "train_batch_size": "auto",
-               "optimizer": {"type": "AdamW", "params": {"lr": "auto", "eps": 1e-8}},
-               "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": "auto", "total_num_steps": "auto",
-                                                                   "warmup_max_lr": "auto", "warmup_min_lr": "auto"}}}
-        filled = T.fill_auto(cfg, world_size=2, lr=1e-3, warmup_steps=5, total_steps=50)
-        bad = dict(cfg, train_batch_size=7)
-        out([filled, cfg["train_batch_size"], err(T.fill_auto, bad, world_size=2, lr=1e-3, warmup_steps=5, total_steps=50)])
-    """)
-    filled, original, error = result
-    assert filled["train_batch_size"] == 12 and original == "auto"
-    assert filled["optimizer"]["params"] == {"lr": 1e-3, "eps": 1e-8}
-    assert filled["scheduler"]["params"] == {"warmup_num_steps": 5, "total_num_steps": 50,
-                                             "warmup_max_lr": 1e-3, "warmup_min_lr": 0.0}
-    assert "train_batch_size 7 != micro batch x grad accum x world size = 12" in error
-
-
 # --- model and dataset resolution -------------------------------------------------------------------
-
-def test_resolve_model(tmp_path):
-    (tmp_path / "withconfig").mkdir()
-    (tmp_path / "withconfig" / "config.json").write_text("{}")
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "file.bin").write_text("x")
-    result = run_py(f"""
-        out({{spec: (list(T.resolve_model(spec)) if err(T.resolve_model, spec) is None else "error: " + err(T.resolve_model, spec))
-             for spec in ["tiny", {str(tmp_path / 'withconfig')!r}, {str(tmp_path / 'empty')!r}, {str(tmp_path / 'file.bin')!r},
-                          "meta-llama/Llama-3.2-1B", "nope", "./missing", "/abs/missing", "a/b/c"]}})
-    """)
-    assert result["tiny"] == ["preset", str(PRESET)]
-    assert result[str(tmp_path / "withconfig")] == ["local", str(tmp_path / "withconfig")]
-    assert "has no config.json" in result[str(tmp_path / "empty")]
-    assert "is a file, not a model directory" in result[str(tmp_path / "file.bin")]
-    assert result["meta-llama/Llama-3.2-1B"] == ["hub", "meta-llama/Llama-3.2-1B"]
-    assert result["nope"].startswith("error: unknown model preset 'nope'") and "(tiny)" in result["nope"]
-    for spec in ("./missing", "/abs/missing", "a/b/c"):
-        assert "does not exist" in result[spec], spec
-
-
-def test_resolve_dataset(tmp_path):
-    for name in ("a.txt", "b.jsonl", "c.csv", "d.bin"):
-        (tmp_path / name).write_text("x\n")
-    (tmp_path / "saved").mkdir()
-    (tmp_path / "saved" / "dataset_info.json").write_text("{}")
-    (tmp_path / "plain").mkdir()
-    specs = ["bundled", "a.txt", "b.jsonl", "c.csv", "d.bin", "saved", "plain", "missing.txt", "./nothing", "wikitext"]
-    result = run_py(f"""
-        import os
-        os.chdir({str(tmp_path)!r})
-        out({{spec: (list(T.resolve_dataset(spec)) if err(T.resolve_dataset, spec) is None else "error: " + err(T.resolve_dataset, spec))
-             for spec in {specs!r}}})
-    """)
-    assert result["bundled"] == ["text", str(CORPUS)]
-    assert result["a.txt"] == ["text", str(tmp_path / "a.txt")]
-    assert result["b.jsonl"] == ["jsonl", str(tmp_path / "b.jsonl")]
-    assert result["c.csv"] == ["file", str(tmp_path / "c.csv")]
-    assert "unsupported extension .bin" in result["d.bin"]
-    assert result["saved"] == ["disk", str(tmp_path / "saved")]
-    assert result["plain"] == ["dir", str(tmp_path / "plain")]
-    assert "does not exist" in result["missing.txt"] and "does not exist" in result["./nothing"]
-    assert result["wikitext"] == ["hub", "wikitext"]
-
-
-def test_read_texts_txt_paragraphs_lines_and_jsonl(tmp_path):
-    (tmp_path / "para.txt").write_text("one a\none b\n\n\ntwo\n\n  \nthree\n")
-    (tmp_path / "lines.txt").write_text("alpha\nbeta\n\ngamma\n".replace("\n\n", "\n"))
-    (tmp_path / "rows.jsonl").write_text('{"body": "first"}\n\n{"body": "second", "n": 2}\n{"body": "  "}\n')
-    result = run_py(f"""
-        out([T.read_texts("text", {str(tmp_path / 'para.txt')!r}),
-             T.read_texts("text", {str(tmp_path / 'lines.txt')!r}),
-             T.read_texts("jsonl", {str(tmp_path / 'rows.jsonl')!r}, "body")])
-    """)
-    assert result == [["one a\none b", "two", "three"], ["alpha", "beta", "gamma"], ["first", "second"]]
-
-
-@pytest.mark.parametrize("name, content, field, message", [
-    ("empty.txt", "\n  \n", "text", "holds no text"),
-    ("bad.txt", b"\xff\xfe\x00bad", "text", "cannot read dataset"),
-    ("rows.jsonl", '{"text": "ok"}\n{"body": "x"}\n', "text", "line 2 has no field 'text'"),
-    ("rows.jsonl", '{"text": "ok"}\nnot json\n', "text", "line 2 is not JSON"),
-    ("rows.jsonl", '{"text": 5}\n', "text", "is not a string"),
-    ("rows.jsonl", "", "text", "holds no text"),
-])
-def test_read_texts_errors(tmp_path, name, content, field, message):
-    path = tmp_path / name
-    path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    kind = "jsonl" if name.endswith(".jsonl") else "text"
-    error = run_py(f"out(err(T.read_texts, {kind!r}, {str(path)!r}, {field!r}))")
-    assert error and message in error, error
-
 
 def test_read_texts_from_a_saved_datasets_directory_and_a_csv(tmp_path):
     result = run_py(f"""
@@ -424,7 +254,6 @@ def _events(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
 def test_deepspeed_run_trains_checkpoints_exports_and_resumes(tmp_path):
     ds_config = tmp_path / "ds_config.json"
     ds_config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
@@ -469,3 +298,57 @@ def test_deepspeed_run_trains_checkpoints_exports_and_resumes(tmp_path):
     assert start2["start_step"] == 20 and events[-1]["event"] == "end" and events[-1]["steps"] == 24
     assert [e["step"] for e in events[events.index(start2) + 1:-1]] == [21, 24]
     assert (out / "checkpoint" / "latest").read_text().strip() == "global_step24"
+
+
+def test_offload_steps_the_same_optimizer_as_without(tmp_path):
+    """The plan's ds_config with and without offload=cpu: the same AdamW settings reach the optimizer that steps
+    (torch's AdamW, DeepSpeed's CPU Adam), norms and biases undecayed in both, and the same losses step by step."""
+    import sys
+    sys.path.insert(0, str(REPO / "lib"))
+    from dsfleet_core import plan as P
+    record = {"name": "c", "address": "localhost", "reachable": True, "local": True, "home": "/h", "venv": "/h/v",
+              "gpu": {"accelerator": "cpu", "gpus": [], "cpu": {"cores": 2, "memory_mib": 8000, "bf16": False}},
+              "interfaces": [{"name": "lo", "ipv4": ["127.0.0.1/8"]}]}
+    configs = {}
+    for offload in ("none", "cpu"):
+        cfg = P.make_plan([record], {"run_id": "r", "offload": offload, "cpu_ranks": 1, "lr": 1e-2,
+                                     "precision": "fp32", "micro_batch": 2})["ds_config"]
+        configs[offload] = tmp_path / ("ds-%s.json" % offload)
+        configs[offload].write_text(json.dumps(cfg))
+    result = run_py(f"""
+        import os
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT="{_free_port()}")
+        import deepspeed, torch
+        deepspeed.init_distributed()
+        kind, where = T.resolve_model("tiny")
+        config, tok = T.load_config_and_tokenizer(kind, where)
+        runs = {{}}
+        for name, path in (("none", {str(configs["none"])!r}), ("cpu", {str(configs["cpu"])!r})):
+            cfg, s = T.read_ds_config(path)
+            model = T.build_model(kind, where, config, 1234)
+            groups = T.param_groups(model, s["weight_decay"])
+            engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=cfg)
+            inner = getattr(opt, "optimizer", opt)
+            g = torch.Generator().manual_seed(0)
+            x = torch.randint(0, config.vocab_size, (2, 32), generator=g)
+            losses = []
+            for _ in range(4):
+                loss = engine(input_ids=x, labels=x).loss
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.item())
+            runs[name] = {{"class": type(inner).__name__, "losses": losses,
+                          "groups": [{{k: (list(v) if isinstance(v, tuple) else v) for k, v in grp.items()
+                                      if k in ("lr", "betas", "eps", "weight_decay")}} for grp in inner.param_groups],
+                          "sizes": [sum(p.numel() for p in grp["params"]) for grp in inner.param_groups]}}
+        out(runs)
+    """, timeout=600)
+    none, cpu = result["none"], result["cpu"]
+    assert none["class"] == "AdamW" and cpu["class"] == "DeepSpeedCPUAdam", (none["class"], cpu["class"])
+    assert none["groups"] == cpu["groups"]
+    assert [grp["weight_decay"] for grp in none["groups"]] == [0.1, 0.0]
+    assert none["groups"][0]["betas"] == [0.9, 0.95] and none["groups"][0]["lr"] == pytest.approx(1e-2)
+    assert none["sizes"] == cpu["sizes"] and none["sizes"][1] > 0
+    assert none["losses"][-1] < none["losses"][0]
+    assert cpu["losses"] == pytest.approx(none["losses"], rel=1e-4, abs=1e-5)
