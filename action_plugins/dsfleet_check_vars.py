@@ -18,8 +18,8 @@ if os.path.join(_ROOT, "lib") not in sys.path:
 
 import yaml  # noqa: E402
 from ansible.plugins.action import ActionBase  # noqa: E402
-from ansible.vars.reserved import get_reserved_names  # noqa: E402
 from ansible.vars.plugins import get_vars_from_inventory_sources, get_vars_from_path  # noqa: E402
+from ansible.vars.reserved import get_reserved_names  # noqa: E402
 
 from dsfleet_core import knobs  # noqa: E402
 

@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# The whole dsfleet test suite on a fresh Debian/Ubuntu machine. Installs everything it needs:
-# apt packages (as root), the controller venv with Ansible, molecule, pytest and linters (.venv),
-# and, through the real setup.yml, the training venv (~/.dsfleet/venv). Then: lint, unit tests,
-# end-to-end training on this machine, and the multi-host molecule scenarios on network-namespace hosts.
-#   tests/run.sh                 everything
-#   tests/run.sh tests/unit      only what you name (any pytest arguments)
+# The dsfleet test suite on a fresh Debian/Ubuntu machine. Installs everything it needs: apt packages (as root),
+# the controller venv with Ansible, molecule, pytest and linters (.venv), and, through the real setup.yml, the
+# training venv (~/.dsfleet/venv).
+#   tests/run.sh                 lint, then every tier: unit, e2e, cluster (what CI runs)
+#   tests/run.sh unit            pure code only: no root, no DeepSpeed, seconds
+#   tests/run.sh e2e             real setup.yml and DeepSpeed training on this machine
+#   tests/run.sh cluster         network-namespace hosts with their own sshd (root)
+#   tests/run.sh lint            yamllint, ansible-lint, ruff
+#   tests/run.sh tests/unit/test_plan.py -k pdsh     any pytest arguments
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+tier=""
+case "${1:-}" in
+  unit|e2e|cluster|lint) tier=$1; shift ;;
+esac
+
 apt_packages=(openssh-server openssh-client pdsh iproute2 iputils-ping python3-venv python3-dev g++ make)
-if command -v apt-get >/dev/null 2>&1; then
+if [ "$tier" != unit ] && [ "$tier" != lint ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
   for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
   if [ "${#missing[@]}" -gt 0 ]; then
@@ -28,11 +36,17 @@ fi
 DSFLEET_CONTROLLER_MIN=3.12 DSFLEET_EXTRA_REQUIREMENTS=requirements-test.txt ./dsfleet --version >/dev/null
 export PATH="$PWD/.venv/bin:$PATH"
 
-if [ "$#" -eq 0 ]; then
+lint() {
   echo "== lint"
   yamllint -s .
   ansible-lint -q
-  set -- tests/unit tests/e2e tests/cluster
-fi
+  ruff check .
+}
+
+case "$tier" in
+  lint) lint; exit 0 ;;
+  unit|e2e|cluster) set -- "tests/$tier" "$@" ;;
+  *) if [ "$#" -eq 0 ]; then lint; set -- tests/unit tests/e2e tests/cluster; fi ;;
+esac
 echo "== pytest $*"
 exec python -m pytest -ra "$@"

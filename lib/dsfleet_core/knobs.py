@@ -17,6 +17,7 @@ import difflib
 import fnmatch
 import json
 import re
+import textwrap
 from dataclasses import dataclass
 
 from . import PlanError
@@ -303,19 +304,26 @@ def example_group_vars(role_options=()):
             out += ["", "# --- %s " % title + "-" * max(3, 100 - len(title) - 7)]
             out.append("# (not here: in host_vars/<host>.yml or on the host's line in hosts.yml)")
             for k in knobs:
-                out.append("#   %s  %s (default: %s)" % (k.name.ljust(8), _plain(k.help), k.default_text))
+                text = "%s (default: %s)" % (_plain(k.help), k.default_text)
+                wrapped = textwrap.wrap(text, 104)
+                out += ["#   %s  %s" % (k.name.ljust(8), wrapped[0])] + ["#   %s  %s" % (" " * 8, w) for w in wrapped[1:]]
             continue
         out += ["", "# --- %s " % title + "-" * max(3, 100 - len(title) - 7)]
         for k in knobs:
-            line = "# %s: %s" % (k.name, _yaml_scalar(k.default))
-            out.append("%s  # %s" % (line.ljust(34), _plain(k.help) + (" (" + ", ".join(map(str, k.choices)) + ")"
-                                                                          if k.choices else "")))
+            help_text = _plain(k.help) + (" (" + ", ".join(map(str, k.choices)) + ")" if k.choices else "")
+            out += _commented("# %s: %s" % (k.name, _yaml_scalar(k.default)), help_text, 34)
     if role_options:
         out += ["", "# --- setup.yml (role options; see roles/*/meta/argument_specs.yml) " + "-" * 32]
         for name, default, description in role_options:
-            line = "# %s: %s" % (name, default)
-            out.append("%s  # %s" % (line.ljust(44), description))
+            out += _commented("# %s: %s" % (name, default), description, 44)
     return "\n".join(out) + "\n"
+
+
+def _commented(setting, text, column, width=118):
+    """``setting  # text``, the text wrapped under itself so no line passes ``width``."""
+    pad = max(column, len(setting) + 1)
+    lines = textwrap.wrap(text, width - pad - 4) or [""]
+    return ["%s  # %s" % (setting.ljust(pad), lines[0])] + ["#%s  # %s" % (" " * (pad - 1), ln) for ln in lines[1:]]
 
 
 def _plain(text):

@@ -151,6 +151,23 @@ def test_rank_killed_on_a_worker_stops_every_host(cluster, tmp_path):
     assert {h: training_pids(cluster, h) for h in cluster.names} == {h: [] for h in cluster.names}
 
 
+def test_pdsh_from_a_master_that_is_not_the_first_host(cluster, tmp_path):
+    """setup.yml's mesh and the plan's master agree: with the first host left out, the next one launches
+    DeepSpeed's pdsh runner, reaching the others (and itself) by key with pinned host keys."""
+    result, run_id, took = launch(cluster, tmp_path, launcher="pdsh", exclude="h1", max_steps=5)
+    assert result.rc == 0, result.stdout[-5000:]
+    summary = json.loads((RUNS / run_id / "summary.json").read_text())
+    assert [h["name"] for h in summary["hosts"]] == ["h2", "h3"]
+    assert (summary["launcher"], summary["checkpoint_host"], summary["steps"]) == ("pdsh", "h2", 5)
+    assert {h: training_pids(cluster, h) for h in cluster.names} == {h: [] for h in cluster.names}
+    # every host reaches every host by key, host keys pinned: whichever host the plan picks can launch
+    for src in cluster.names:
+        for dst in cluster.names:
+            proc = cluster.run_in(src, "ssh -o BatchMode=yes -o StrictHostKeyChecking=yes %s hostname"
+                                  % cluster.address(dst))
+            assert (proc.returncode, proc.stdout.strip()) == (0, dst), (src, dst, proc.stderr)
+
+
 def test_unreachable_host_fails_fast(cluster, tmp_path):
     # last: the host stays down. Its sshd is stopped by PID, as the rig recorded it.
     os.kill(cluster.host("h3")["sshd_pid"], signal.SIGTERM)

@@ -14,6 +14,7 @@ import pytest
 
 from helpers import RUNS, load_summary, run_playbook
 
+
 def _run_id(tag):
     return "test-%s-%s" % (tag, uuid.uuid4().hex[:6])
 

@@ -593,6 +593,8 @@ def _write_client_files(rig: Rig) -> None:
         "        # otherwise make Ansible switch strict host key checking off ahead of the args above",
         "        ansible_host_key_checking: true",
         "        ansible_pipelining: true",
+        "        # the rig's own variables: dsfleet's variable check leaves them alone",
+        "        other_vars: [\"rig_*\"]",
         f"        rig_controller_address: {yq(state['controller']['address'])}",
         f"        rig_subnet: {yq(state['subnet'])}",
         f"        rig_state_dir: {yq(sd)}",

@@ -139,3 +139,14 @@ def test_no_command_line_or_environment_is_assembled_outside_the_plan():
                 continue
             offenders += ["%s:%d: %s" % (path.relative_to(ROOT), n, w) for w in PROCESS_WORDS if w in line]
     assert offenders == []
+
+
+def test_one_license_and_every_file_agrees():
+    assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
+    for meta in ROOT.glob("roles/*/meta/main.yml"):
+        assert re.search(r"^\s*license: Apache-2.0\s*$", meta.read_text(), re.M), meta
+    for path in list(ROOT.glob("**/*.py")) + list(ROOT.glob("**/*.yml")):
+        if ".venv" in path.parts or ".work" in path.parts:
+            continue
+        for spdx in re.findall(r"^# SPDX-License-Identifier: (\S+)$", path.read_text(errors="replace"), re.M):
+            assert spdx == "Apache-2.0", path

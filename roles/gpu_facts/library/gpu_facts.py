@@ -1,5 +1,6 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
+# SPDX-License-Identifier: Apache-2.0
 # dsfleet: gather accelerator facts (NVIDIA, AMD, Intel GPUs, else CPU).
 #
 # Shape follows ansible's service_facts: one module, check mode supported,

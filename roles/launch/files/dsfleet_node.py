@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """Per-host process supervisor for dsfleet runs (stdlib only; runs with the host's dsfleet venv python).
 
     dsfleet_node.py start  --run-dir D -- CMD ARGS...   start CMD detached in its own process group, log to D/node.log
