@@ -545,7 +545,9 @@ def test_e2e_through_ansible(tmp_path):
     bin_dir = fakes.write_fake_tools(tmp_path / "bin", {"nvidia-smi": A100_NVIDIA_SMI})
     env = dict(os.environ, PATH=os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]),
                ANSIBLE_LIBRARY=str(MODULE_PATH.parent), ANSIBLE_LOCALHOST_WARNING="0",
-               ANSIBLE_INVENTORY_UNPARSED_WARNING="0", ANSIBLE_NOCOLOR="1")
+               ANSIBLE_INVENTORY_UNPARSED_WARNING="0", ANSIBLE_NOCOLOR="1",
+               # a user without a home directory (the unit tier runs without root) still gets a temp dir
+               ANSIBLE_REMOTE_TMP=str(tmp_path / "remote-tmp"), ANSIBLE_LOCAL_TEMP=str(tmp_path / "local-tmp"))
     proc = subprocess.run([str(ansible), "localhost", "-c", "local", "-m", "gpu_facts", "-a", "gpus=2,0",
                            "-e", "ansible_python_interpreter=" + sys.executable],
                           capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=180)
