@@ -52,6 +52,7 @@ import inspect
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the torch-free pieces live beside this file (also when loaded by path)
     sys.path.insert(0, str(HERE))
+
+from dsfleet_ckpt import complete_steps, mark_complete, prune, tag_for  # noqa: E402
 
 from dsfleet_config import AUTO_FILLABLE, MIN_LR_RATIO, UsageError, fail, fill_auto, lr_lambda, read_ds_config  # noqa: E402,F401
 from dsfleet_data import (  # noqa: E402,F401
@@ -90,6 +93,8 @@ WARMUP_STEPS = 0           # linear warmup steps
 SEED = 1234                # model init and data order
 LOG_EVERY = 1              # log a step event every N steps (0: only the first and last step)
 SAVE_EVERY = 0             # intermediate checkpoint every N steps (0: only at the end)
+SAVE_EVERY_MINUTES = 30.0  # and a checkpoint whenever this many minutes passed since the last one (0: off)
+KEEP_CHECKPOINTS = 2       # complete checkpoints kept on each host (0: all)
 # fixed choices, not flags
 # the client AdamW, used only when a hand-written ds_config has no "optimizer" section (the plan always writes
 # one: lib/dsfleet_core/plan.py OPTIMIZER); weight decay applies to matrices only (not to norms and biases)
@@ -128,7 +133,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=SEED, help="model init and data order seed")
     p.add_argument("--log_every", type=int, default=LOG_EVERY, help="step event every N steps (0: first/last)")
     p.add_argument("--save_every", type=int, default=SAVE_EVERY, help="checkpoint every N steps (0: at end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint if present")
+    p.add_argument("--save_every_minutes", type=float, default=SAVE_EVERY_MINUTES,
+                   help="also checkpoint when this many minutes passed since the last one (0: off)")
+    p.add_argument("--keep_checkpoints", type=int, default=KEEP_CHECKPOINTS, help="complete checkpoints kept (0: all)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint complete on every rank's disk, if there is one")
     p.add_argument("--preflight", action="store_true", help="check inputs, print one JSON line, exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the deepspeed launcher; ignored (LOCAL_RANK/RANK/WORLD_SIZE are read from env)")
@@ -148,7 +157,7 @@ def validate_args(args):
         fail(f"--block_size must be at least 2 tokens, got {args.block_size}", "Pass e.g. --block_size 128")
     if not (math.isfinite(args.lr) and args.lr > 0):
         fail(f"--lr must be a positive finite number, got {args.lr}", "Pass e.g. --lr 3e-4")
-    for name in ("warmup_steps", "log_every", "save_every"):
+    for name in ("warmup_steps", "log_every", "save_every", "save_every_minutes", "keep_checkpoints"):
         if getattr(args, name) < 0:
             fail(f"--{name} must be >= 0, got {getattr(args, name)}", f"Pass --{name} 0 or a positive number")
     if not args.text_field:
@@ -227,6 +236,13 @@ class Metrics:
             self.file.write(json.dumps({"event": event, **fields, "time": time.time()}) + "\n")
             self.file.flush()
 
+    def progress(self, **fields):
+        """out/progress.json: the newest progress in one small file, for the host's supervisor to report."""
+        if self.file:
+            path = Path(self.file.name).with_name("progress.json")
+            path.with_suffix(".tmp").write_text(json.dumps({**fields, "time": time.time()}))
+            os.replace(path.with_suffix(".tmp"), path)
+
     def close(self):
         if self.file:
             self.file.close()
@@ -280,13 +296,40 @@ def training_function(args):
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         model_parameters=None if optimizer else groups)
 
+    def agree(value, op):
+        # every rank contributes; the engine's device, since NCCL/RCCL/XCCL reduce only device tensors
+        t = torch.tensor([float(value)], dtype=torch.float64, device=engine.device)
+        dist.all_reduce(t, op=op)
+        return t.item()
+
     start_step = 0
-    if args.resume and (ckpt_dir / "latest").is_file():
-        _, client_state = engine.load_checkpoint(str(ckpt_dir))
-        start_step = int((client_state or {}).get("step", engine.global_steps))
-        print0(f"resumed from {ckpt_dir} at step {start_step}")
-    elif args.resume:
-        print0(f"no checkpoint in {ckpt_dir}; starting from step 0")
+    if args.resume:
+        # the newest tag complete on every rank's own disk (no shared filesystem: each host has its own shards)
+        local = complete_steps(ckpt_dir)
+        common = int(agree(local[-1] if local else -1, dist.ReduceOp.MIN))
+        if common >= 0:
+            if agree(common in local, dist.ReduceOp.MIN) < 1:
+                fail(f"checkpoint {tag_for(common)} is not complete on every host",
+                     "Resume on the hosts that wrote it, or start a new run")
+            _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag_for(common))
+            start_step = int((client_state or {}).get("step", engine.global_steps))
+            print0(f"resumed from {ckpt_dir / tag_for(common)} at step {start_step}")
+        else:
+            print0(f"no complete checkpoint in {ckpt_dir} on every rank; starting from step 0")
+
+    stop_requested = []
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))  # checkpoint at the next step, then exit
+    heartbeat = out / "heartbeat" / f"rank-{rank}"
+    heartbeat.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(at_step):
+        tag = tag_for(at_step)
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": at_step})
+        dist.barrier()  # every rank of every host has written its part
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            mark_complete(ckpt_dir, tag)
+            prune(ckpt_dir, args.keep_checkpoints)
+        return tag
 
     data = torch.tensor(mine, dtype=torch.long)
     orders = {}
@@ -319,7 +362,7 @@ def training_function(args):
     step = start_step
     try:
         engine.train()
-        t0 = t_last = time.time()
+        t0 = t_last = last_save = time.time()
         step_last = step
         while step < total_steps:
             lr = engine.get_lr()[0]
@@ -331,6 +374,7 @@ def training_function(args):
                 engine.step()
                 loss_sum += loss.item()
             step += 1
+            heartbeat.touch()  # the host's supervisor stops the run when no rank steps for stall_timeout
             if step == start_step + 1 or step == total_steps or (args.log_every and step % args.log_every == 0):
                 loss = mean_over_ranks(loss_sum / s["grad_accum"])
                 now = time.time()
@@ -339,13 +383,26 @@ def training_function(args):
                 first_loss = loss if first_loss is None else first_loss
                 final_loss = loss
                 metrics.write("step", step=step, loss=loss, lr=lr, tokens_per_s=tps, elapsed_s=now - t0)
+                metrics.progress(event="step", step=step, total=total_steps, start_step=start_step, loss=loss, lr=lr,
+                                 tokens_per_s=tps, elapsed_s=now - t0)
                 print0(f"step {step}/{total_steps} | loss {loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s")
-            if args.save_every and step % args.save_every == 0 and step < total_steps:
-                engine.save_checkpoint(str(ckpt_dir), client_state={"step": step})
+            if step < total_steps:
+                due = (args.save_every and step % args.save_every == 0) or (
+                    args.save_every_minutes and time.time() - last_save >= args.save_every_minutes * 60)
+                stop = agree(bool(stop_requested), dist.ReduceOp.MAX) > 0
+                if stop or agree(bool(due), dist.ReduceOp.MAX) > 0:
+                    tag = save(step)
+                    last_save = time.time()
+                if stop:
+                    metrics.write("stopped", step=step, checkpoint_tag=tag, checkpoint_dir=str(ckpt_dir.resolve()))
+                    metrics.progress(event="stopped", step=step, total=total_steps, start_step=start_step,
+                                     loss=final_loss, elapsed_s=time.time() - t0, checkpoint_tag=tag)
+                    metrics.close()
+                    print0(f"stopped at step {step} on SIGTERM; checkpoint {tag} (resume continues from it)")
+                    exit_now(143)
         elapsed = time.time() - t0
 
-        tag = f"global_step{engine.global_steps}"
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
+        tag = save(step)
         export(engine, tokenizer, export_dir, s["zero_stage"], rank)
         dist.barrier()
     except Exception as e:
@@ -356,6 +413,8 @@ def training_function(args):
                   tokens_per_s=tokens_per_step * (step - start_step) / max(elapsed, 1e-9),
                   checkpoint_dir=str(ckpt_dir.resolve()), checkpoint_tag=tag, export_dir=str(export_dir.resolve()),
                   elapsed_s=elapsed)
+    metrics.progress(event="end", step=step, total=total_steps, start_step=start_step, loss=final_loss,
+                     elapsed_s=elapsed, tokens_per_s=tokens_per_step * (step - start_step) / max(elapsed, 1e-9))
     metrics.close()
     print0(f"done: {step} steps in {elapsed:.1f}s, loss {first_loss} -> {final_loss}; export in {export_dir}")
 

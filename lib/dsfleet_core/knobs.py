@@ -77,6 +77,11 @@ KNOB_LIST = (
     Knob("seed", int, 1234, "train", "model init and data order"),
     Knob("log_every", int, 1, "train", "rank 0 writes a metrics line every N steps", minimum=1),
     Knob("save_every", int, 0, "train", "intermediate checkpoints every N steps (0: only at the end)", minimum=0),
+    Knob("save_every_minutes", float, 30.0, "train", "also checkpoint whenever this many minutes passed since the "
+         "last checkpoint (0: off); a rank that gets SIGTERM checkpoints too", minimum=0.0),
+    Knob("keep_checkpoints", int, 2, "train", "complete checkpoints kept on each host (0: all)", minimum=0),
+    Knob("resume", str, "", "train", "a run id: continue that run from its newest checkpoint complete on every host "
+         "(same hosts: exactly where it stopped)", shown="none"),
     Knob("zero_stage", int, 2, "deepspeed", "ZeRO stage", choices=(0, 1, 2, 3)),
     Knob("offload", str, "none", "deepspeed", "`cpu`: optimizer states on the CPU (DeepSpeed's CPU Adam, same "
          "AdamW settings as without offload)", choices=("none", "cpu")),
@@ -97,12 +102,18 @@ KNOB_LIST = (
     Knob("launcher", str, "ansible", "run", "`ansible`: Ansible starts `deepspeed --no_ssh --node_rank N` on every "
          "host and watches each; `pdsh`: DeepSpeed's own multi-node runner from the master",
          choices=("ansible", "pdsh")),
-    Knob("poll_interval", int, 5, "run", "seconds between progress lines", minimum=1),
+    Knob("follow", bool, True, "run", "follow the run until it ends; `false`: return once every host's ranks started "
+         "(then `playbooks/status.yml`, `follow.yml`, `stop.yml` with `-e run_id=...`)"),
+    Knob("poll_interval", int, 5, "run", "seconds between progress lines", minimum=0),
     Knob("stall_timeout", int, 300, "run", "no new step for this long: stop every rank and fail (catches a hung "
          "rank)", minimum=10),
     Knob("startup_timeout", int, 600, "run", "no first step within this long: stop and fail", minimum=10),
     Knob("stop_grace", int, 10, "run", "seconds a rank may take to exit after SIGTERM before it is killed",
          minimum=0),
+    Knob("checkpoint", bool, True, "run", "`stop.yml`: let every rank write a checkpoint before it exits "
+         "(`false`: stop at once)"),
+    Knob("checkpoint_grace", int, 300, "run", "seconds `stop.yml` waits for that checkpoint before it kills the ranks",
+         minimum=10),
     Knob("run_id", str, "", "run", "name of `runs/<id>` (letters, digits, `.`, `_`, `-`); a finished run id "
          "is not trained again", shown="timestamp"),
     Knob("dry_run", bool, False, "run", "compute and render the plan, start nothing"),
@@ -194,9 +205,9 @@ def check_value(name, value):
         _fail("%s=%s must be >= %s; pass a larger value (-e %s=...)" % (name, value, knob.minimum, name))
     if knob.maximum is not None and value > knob.maximum:
         _fail("%s=%s must be <= %s; pass a smaller value (-e %s=...)" % (name, value, knob.maximum, name))
-    if name == "run_id" and value and not RUN_ID.fullmatch(value):
-        _fail("run_id=%r may hold only letters, digits, '.', '_' and '-' (and not start with '.' or '-'): it names a "
-              "directory under runs/; pass e.g. -e run_id=llama-ft-1" % value)
+    if name in ("run_id", "resume") and value and not RUN_ID.fullmatch(value):
+        _fail("%s=%r may hold only letters, digits, '.', '_' and '-' (and not start with '.' or '-'): it names a "
+              "directory under runs/; pass e.g. -e %s=llama-ft-1" % (name, value, name))
     return value
 
 
@@ -209,6 +220,9 @@ def normalize(values):
     out = {name: check_value(name, values.get(name)) for name in RUN_KNOBS}
     if out["lr"] <= 0:
         _fail("lr=%s must be > 0" % out["lr"])
+    if out["resume"] and out["run_id"] and out["resume"] != out["run_id"]:
+        _fail("resume=%s continues that run under its own id, but run_id=%s was passed too; drop run_id"
+              % (out["resume"], out["run_id"]))
     if not out["model"].strip():
         _fail("model is empty; pass -e model=tiny, a local directory or a hub id")
     return out

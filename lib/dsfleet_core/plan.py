@@ -161,6 +161,8 @@ def _precision(k, accelerator, chosen):
 def make_plan(hosts, knobs=None):
     """Compute the one cluster plan from host records and the user's knobs (see module docstring)."""
     k = normalize_knobs(knobs)
+    if k["resume"]:
+        k["run_id"] = k["resume"]
     if not k["run_id"]:
         _fail("run_id is empty; the plan role names the run before planning (pass -e run_id=NAME by hand)")
     if not hosts:
@@ -315,11 +317,14 @@ def make_plan(hosts, knobs=None):
             "model": k["model"], "dataset": k["dataset"], "text_field": k["text_field"],
             "max_steps": k["max_steps"], "epochs": k["epochs"], "block_size": k["block_size"], "lr": k["lr"],
             "warmup_steps": k["warmup_steps"], "seed": k["seed"], "log_every": k["log_every"],
-            "save_every": k["save_every"],
+            "save_every": k["save_every"], "save_every_minutes": k["save_every_minutes"],
+            "keep_checkpoints": k["keep_checkpoints"], "resume": k["resume"],
         },
         "watch": {"poll_interval": k["poll_interval"], "stall_timeout": k["stall_timeout"],
-                  "startup_timeout": k["startup_timeout"], "stop_grace": k["stop_grace"]},
+                  "startup_timeout": k["startup_timeout"], "stop_grace": k["stop_grace"],
+                  "checkpoint_grace": k["checkpoint_grace"], "follow": k["follow"]},
         "dry_run": k["dry_run"],
+        "knobs": dict(k),  # what the plan was computed from; a resumed run starts from these
         "warnings": warnings,
     }
     plan["ds_config"] = ds_config(plan)
@@ -364,6 +369,11 @@ def ds_config(plan):
     offload = plan["zero"]["offload"] != "none"
     if offload:
         zero["offload_optimizer"] = {"device": plan["zero"]["offload"], "pin_memory": plan["accelerator"] != "cpu"}
+    if plan["nodes"] > 1:
+        # no shared filesystem: every host keeps its own ranks' shards and the model states, named by local rank
+        checkpoint = {"use_node_local_storage": True}
+    else:
+        checkpoint = {}
     if plan["zero"]["stage"] == 3:
         # the end-of-run export gathers the full 16-bit weights from every rank's shard
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -380,7 +390,7 @@ def ds_config(plan):
         "optimizer": {"type": "AdamW", "params": dict(OPTIMIZER, lr=plan["training"]["lr"], torch_adam=not offload)},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
-    }
+    } | ({"checkpoint": checkpoint} if checkpoint else {})
 
 
 def host_paths(home, venv, run_id):
@@ -402,9 +412,12 @@ def train_args(plan, paths):
             "--model", t["model"], "--dataset", t["dataset"], "--text_field", t["text_field"],
             "--max_steps", str(t["max_steps"]), "--block_size", str(t["block_size"]), "--lr", repr(t["lr"]),
             "--warmup_steps", str(t["warmup_steps"]), "--seed", str(t["seed"]), "--log_every", str(t["log_every"]),
-            "--save_every", str(t["save_every"])]
+            "--save_every", str(t["save_every"]), "--save_every_minutes", repr(t["save_every_minutes"]),
+            "--keep_checkpoints", str(t["keep_checkpoints"])]
     if t["epochs"]:
         args += ["--epochs", str(t["epochs"])]
+    if t["resume"]:
+        args += ["--resume"]
     return args
 
 
@@ -427,6 +440,13 @@ def _process_env(plan, host, paths, common=False):
            "DS_ACCELERATOR": plan["ds_accelerator"], "PYTHONUNBUFFERED": "1"}
     env.update(plan["env"] if common else host["env"])
     return env
+
+
+def _device_spec(plan, host):
+    """Which devices status.yml reads on a host, for dsfleet_node.py status --devices."""
+    if plan["accelerator"] == "cpu":
+        return "cpu"
+    return "%s:%s" % (plan["accelerator"], ",".join(map(str, host["devices"])))
 
 
 def _node(paths, verb, *args):
@@ -456,13 +476,23 @@ def add_processes(plan, records):
             process = {"argv": [paths["deepspeed"]] + launcher_args(plan, host["node_rank"], paths)
                        + [paths["train"]] + train_args(plan, paths), "env": env, "cwd": paths["run_dir"]}
         host["process"] = process
+        watch = plan["watch"]
         host["commands"] = {
             "preflight": {"argv": [paths["python"], paths["train"], "--preflight"] + train_args(plan, paths),
                           "env": dict(env), "cwd": paths["run_dir"]},
+            # the supervisor outlives the controller and enforces the timeouts itself
             "start": None if process is None else {
-                "argv": _node(paths, "start", "--") + process["argv"], "env": process["env"], "cwd": process["cwd"]},
-            "status": {"argv": _node(paths, "status", "--wait", str(plan["watch"]["poll_interval"]))},
-            "stop": {"argv": _node(paths, "stop", "--grace", str(plan["watch"]["stop_grace"]))},
+                "argv": _node(paths, "start", "--stall-timeout", str(watch["stall_timeout"]), "--startup-timeout",
+                              str(watch["startup_timeout"]), "--grace", str(watch["stop_grace"]), "--")
+                + process["argv"], "env": process["env"], "cwd": process["cwd"]},
+            "status": {"argv": _node(paths, "status", "--wait", str(watch["poll_interval"]))
+                       + (["--report"] if is_master else [])},
+            "status_now": {"argv": _node(paths, "status", "--devices", _device_spec(plan, host))
+                           + (["--report"] if is_master else [])},
+            "stop": {"argv": _node(paths, "stop", "--grace", str(watch["stop_grace"]))},
+            # SIGTERM: every rank writes a checkpoint at its next step, then exits (train.py)
+            "stop_checkpoint": {"argv": _node(paths, "stop", "--grace", str(watch["checkpoint_grace"]))},
+            "checkpoints": {"argv": _node(paths, "checkpoints")},
             "ps": {"argv": _node(paths, "ps")},
             "port_check": {"argv": [paths["python"], paths["node"], "port-free", "--port",
                                     str(plan["master"]["port"])]} if is_master else None,

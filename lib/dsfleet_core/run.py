@@ -30,62 +30,116 @@ def plan_table(plan):
     return lines
 
 
-def progress(plan, statuses, now=None):
-    """Judge the watched nodes: {"state": running|done|failed, "line", "host", "reason", "log_tail"}.
+def _duration(seconds):
+    seconds = int(max(0, seconds or 0))
+    if seconds < 60:
+        return "%ds" % seconds
+    if seconds < 3600:
+        return "%dm%02ds" % divmod(seconds, 60)
+    hours, rest = divmod(seconds, 3600)
+    return "%dh%02dm" % (hours, rest // 60)
 
-    ``statuses`` maps host name -> the JSON printed by ``train/node.py status``; ``now`` is the controller's epoch
-    time, used only where a status carries no ``now`` of its host (host clocks may differ from the controller's).
-    Pure, so failure handling is unit-tested.
+
+def follow_line(status):
+    """One progress line from the reporting host's status: step/total, loss, tokens/s, elapsed, ETA."""
+    st = status or {}
+    p = st.get("progress") or {}
+    now = float(st.get("now") or 0)
+    if p.get("event") in ("step", "end", "stopped") and p.get("step") is not None:
+        step, total, start = int(p["step"]), int(p.get("total") or 0), int(p.get("start_step") or 0)
+        elapsed = float(p.get("elapsed_s") or 0) + max(0.0, now - float(p.get("time") or now))
+        rate = (step - start) / elapsed if elapsed > 0 and step > start else 0
+        eta = (total - step) / rate if rate > 0 else None
+        loss = p.get("loss")
+        return "step %d/%d  loss %s  %s tokens/s  elapsed %s  ETA %s" % (
+            step, total, "%.4f" % loss if _finite(loss) else "n/a", "%.0f" % (p.get("tokens_per_s") or 0),
+            _duration(elapsed), _duration(eta) if eta is not None else "n/a")
+    started = float(st.get("started_at") or now)
+    # the newest log line that says something (DeepSpeed's INFO lines repeat the whole command)
+    last = [ln.strip() for ln in (st.get("log_tail") or "").splitlines() if ln.strip() and "[INFO]" not in ln][-1:]
+    return "starting: %s%s" % (_duration(now - started), ("  | " + last[0][:100]) if last else "")
+
+
+def progress(plan, statuses, now=None):
+    """Judge the watched hosts' statuses: {"state": running|done|failed, "line", "host", "reason", "log_tail"}.
+
+    ``statuses`` maps host name -> the JSON printed by ``dsfleet_node.py status`` (None: the host did not answer).
+    Each host's supervisor enforces stall_timeout and startup_timeout itself (and says so in ``reason``), so this
+    only reads what the hosts report. Pure, so failure handling is unit-tested.
     """
-    watch = plan["watch"]
     master = plan["master"]["name"]
     watched = [h["name"] for h in plan["hosts"] if h["watched"]]
-    metric = (statuses.get(master) or {}).get("last_metric") or {}
+    for name in watched:
+        if statuses.get(name) is None:
+            return {"state": "failed", "host": name, "reason": "no status from host (unreachable: the host or its "
+                    "network went down?)", "line": "", "log_tail": ""}
     # When one rank dies the others follow within seconds: blame the host whose processes ended first.
     crashed = sorted((float(statuses[n].get("ended_at") or 0), i, n) for i, n in enumerate(watched)
-                     if statuses.get(n) and statuses[n].get("state") == "exited" and statuses[n].get("rc") != 0)
+                     if statuses[n].get("state") == "exited" and statuses[n].get("rc") != 0)
     if crashed:
         st = statuses[crashed[0][2]]
-        return {"state": "failed", "host": crashed[0][2], "reason": "training exited with code %s" % st.get("rc"),
-                "line": "", "log_tail": st.get("log_tail", "")}
+        reason = st.get("reason") or "training exited with code %s" % st.get("rc")
+        return {"state": "failed", "host": crashed[0][2], "reason": reason, "line": "",
+                "log_tail": st.get("log_tail", "")}
     for name in watched:
-        st = statuses.get(name)
-        if st is None:
-            return {"state": "failed", "host": name, "reason": "no status from host (unreachable?)",
-                    "line": "", "log_tail": ""}
-        if st.get("state") == "missing":
+        if statuses[name].get("state") == "missing":
             return {"state": "failed", "host": name, "reason": "no training process was started on this host",
-                    "line": "", "log_tail": st.get("log_tail", "")}
-    if all((statuses.get(n) or {}).get("state") == "exited" for n in watched):
+                    "line": "", "log_tail": statuses[name].get("log_tail", "")}
+    st = statuses.get(master) or {}
+    if all(statuses[n].get("state") == "exited" for n in watched):
+        metric = st.get("last_metric") or {}
         if metric.get("event") != "end":
             return {"state": "failed", "host": master, "reason": "training exited 0 without finishing its steps",
-                    "line": "", "log_tail": (statuses.get(master) or {}).get("log_tail", "")}
+                    "line": "", "log_tail": st.get("log_tail", "")}
         return {"state": "done", "host": master, "reason": "", "log_tail": "",
                 "line": "done: %s steps, final loss %.4f, %.0f tokens/s" % (
                     metric.get("steps"), metric.get("final_loss", float("nan")), metric.get("tokens_per_s", 0))}
-    st = statuses.get(master) or {}
-    now = float(st.get("now") or now or 0)
-    started = float(st.get("started_at") or now)
-    progress_at = st.get("progress_at")
-    if progress_at is None and now - started > watch["startup_timeout"]:
-        return {"state": "failed", "host": master, "reason": "no training step within startup_timeout=%ss"
-                % watch["startup_timeout"], "line": "", "log_tail": st.get("log_tail", "")}
-    if progress_at is not None and now - float(progress_at) > watch["stall_timeout"]:
-        return {"state": "failed", "host": master, "reason": "no progress for %ds (stall_timeout=%ss): a rank "
-                "is stuck" % (now - float(progress_at), watch["stall_timeout"]), "line": "",
-                "log_tail": st.get("log_tail", "")}
-    if metric.get("event") == "step":
-        total = plan["training"]["max_steps"]
-        line = "step %s/%s  loss %.4f  %.0f tokens/s  %.0fs" % (
-            metric.get("step"), total, metric.get("loss", float("nan")), metric.get("tokens_per_s", 0),
-            metric.get("elapsed_s", 0))
+    return {"state": "running", "host": "", "reason": "", "line": follow_line(dict(st, now=st.get("now") or now)),
+            "log_tail": ""}
+
+
+def status_table(plan, statuses):
+    """status.yml's lines: one per host (ranks alive, last step, loss, tokens/s, devices), then the run's state."""
+    rows = [("host", "state", "ranks", "step", "loss", "tokens/s", "devices")]
+    for h in plan["hosts"]:
+        st = statuses.get(h["name"])
+        if st is None:
+            rows.append((h["name"], "unreachable", "-", "-", "-", "-", "-"))
+            continue
+        p = st.get("progress") or {}
+        state = st["state"] + ("" if st.get("rc") in (None, 0) else " (rc %s)" % st.get("rc"))
+        rows.append((h["name"], state, "%d/%d" % (st.get("ranks_alive") or 0, h["slots"]) if h["watched"] or
+                     st.get("ranks_alive") else "%d" % (st.get("ranks_alive") or 0),
+                     "%s/%s" % (p["step"], p.get("total")) if p.get("step") is not None else "-",
+                     "%.4f" % p["loss"] if _finite(p.get("loss")) else "-",
+                     "%.0f" % p["tokens_per_s"] if _finite(p.get("tokens_per_s")) else "-",
+                     devices_text(st.get("devices"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    judged = progress(plan, statuses)
+    if judged["state"] == "failed":
+        lines.append("run %s: failed on %s: %s" % (plan["run_id"], judged["host"], judged["reason"]))
     else:
-        # the newest log line that says something (DeepSpeed's INFO lines repeat the whole command)
-        last = [ln.strip() for ln in (st.get("log_tail") or "").splitlines()
-                if ln.strip() and "[INFO]" not in ln][-1:]
-        line = "starting: %d rank(s) on %d host(s), %ds%s" % (
-            plan["world_size"], plan["nodes"], now - started, ("  | " + last[0][:100]) if last else "")
-    return {"state": "running", "host": "", "reason": "", "line": line, "log_tail": ""}
+        lines.append("run %s: %s" % (plan["run_id"], judged["line"] if judged["state"] == "done" else
+                                     "running — " + judged["line"]))
+    for h in plan["hosts"]:
+        st = statuses.get(h["name"]) or {}
+        if st.get("reason"):
+            lines.append("%s: %s" % (h["name"], st["reason"]))
+    return lines
+
+
+def devices_text(devices):
+    """'2x 71% 30.1/80.0 GiB' style summary of a host's device readings (from the vendor tool), or '-'."""
+    if not devices:
+        return "-"
+    parts = []
+    for d in devices:
+        used, total = d.get("memory_used_mib"), d.get("memory_total_mib")
+        util = d.get("utilization_pct")
+        parts.append("%s%s" % ("%s%% " % util if util is not None else "",
+                               "%.1f/%.1f GiB" % (used / 1024, total / 1024) if used is not None and total else ""))
+    return ", ".join(p.strip() for p in parts)
 
 
 def summary(plan, metrics, extra=None):
@@ -136,3 +190,25 @@ def summary_table(summary):
             ("export", "%s:%s" % (summary["checkpoint_host"], summary["export_dir"]))]
     width = max(len(r[0]) for r in rows)
     return ["%s  %s" % (a.ljust(width), b) for a, b in rows]
+
+
+def common_checkpoint(checkpoints):
+    """The newest checkpoint step complete on every host ({host: [steps]}), or None."""
+    lists = [set(v or []) for v in checkpoints.values()]
+    common = set.intersection(*lists) if lists else set()
+    return max(common) if common else None
+
+
+def stop_report(plan, stops, checkpoints):
+    """stop.yml's lines: which hosts had something to stop, and where the run can continue."""
+    stopped = [name for name, st in stops.items() if (st or {}).get("terminated")]
+    lines = ["run %s: stopped on %s" % (plan["run_id"], ", ".join(stopped) if stopped else
+                                         "no host (nothing of the run was running)")]
+    step = common_checkpoint(checkpoints)
+    if step is None:
+        lines.append("no checkpoint is complete on every host (%s): a resume would start from step 0" % ", ".join(
+            "%s: %s" % (h, v or "none") for h, v in checkpoints.items()))
+    else:
+        lines.append("newest checkpoint complete on every host: step %d; continue with ./dsfleet launch.yml "
+                     "-e resume=%s" % (step, plan["run_id"]))
+    return lines

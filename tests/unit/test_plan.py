@@ -189,10 +189,12 @@ def test_process_specs_ansible_launcher_one_deepspeed_per_host():
         assert argv[1:10] == ["--hostfile", paths["hostfile"], "--master_addr", "10.1.0.11", "--master_port",
                               "29500", "--no_ssh", "--node_rank", str(h["node_rank"])]
         assert argv[10] == paths["train"]
+        assert argv[argv.index("--keep_checkpoints") + 1] == "2" and "--resume" not in argv
         assert argv[argv.index("--max_steps") + 1] == "7" and argv[argv.index("--model") + 1] == "/m"
         assert argv[argv.index("--deepspeed_config") + 1] == paths["ds_config"]
         # the supervisor wraps exactly the rank's command; preflight checks the same arguments
         assert cmds["start"]["argv"] == [paths["python"], paths["node"], "start", "--run-dir", paths["run_dir"],
+                                         "--stall-timeout", "300", "--startup-timeout", "600", "--grace", "10",
                                          "--"] + argv
         assert cmds["preflight"]["argv"][3:] == argv[11:]
         env = proc["env"]
@@ -201,7 +203,7 @@ def test_process_specs_ansible_launcher_one_deepspeed_per_host():
         assert cmds["start"]["env"] == env and cmds["preflight"]["env"] == env
         assert h["watched"] is True
         assert (cmds["port_check"] is not None) == (h["node_rank"] == 0)
-        assert cmds["stop"]["argv"][-2:] == ["--grace", "10"] and cmds["status"]["argv"][-2:] == ["--wait", "5"]
+        assert cmds["stop"]["argv"][-2:] == ["--grace", "10"] and cmds["status"]["argv"][5:7] == ["--wait", "5"]
     assert plan["deepspeed_env"]["PATH"] == plan["hosts"][0]["process"]["env"]["PATH"]
     table = "\n".join(R.plan_table(plan))
     assert "world size 3 on 2 host(s)" in table and "10.1.0.11:29500" in table
@@ -281,12 +283,14 @@ def _two_host_plan(**knobs):
       "b": {"state": "exited", "rc": 1, "log_tail": "boom"}}, "failed", "b", "exited with code 1"),
     ({"a": {"state": "exited", "rc": 1, "ended_at": 105.5, "log_tail": "reset by peer"},
       "b": {"state": "exited", "rc": -9, "ended_at": 103.0, "log_tail": "boom"}}, "failed", "b", "code -9"),
-    ({"a": {"state": "running", "started_at": 100, "now": 800}, "b": {"state": "running"}},
-     "failed", "a", "no training step within startup_timeout"),
-    ({"a": {"state": "running", "started_at": 100, "now": 800, "progress_at": 300,
-            "last_metric": {"event": "step", "step": 3}}, "b": {"state": "running"}},
-     "failed", "a", "no progress for 500s"),
+    # the hosts' supervisors enforce the timeouts and say why they stopped the ranks
+    ({"a": {"state": "exited", "rc": -15, "ended_at": 700, "reason": "no training step within startup_timeout=600s"},
+      "b": {"state": "exited", "rc": 1, "ended_at": 703}}, "failed", "a", "no training step within startup_timeout"),
+    ({"a": {"state": "exited", "rc": 1, "ended_at": 905},
+      "b": {"state": "exited", "rc": -15, "ended_at": 900, "reason": "no progress for 301s (stall_timeout=300s)"}},
+     "failed", "b", "no progress for 301s"),
     ({"a": {"state": "running", "started_at": 100, "now": 110}}, "failed", "b", "no status from host"),
+    ({"a": {"state": "running", "started_at": 100, "now": 110}, "b": None}, "failed", "b", "unreachable"),
     ({"a": {"state": "exited", "rc": 0, "last_metric": {"event": "end", "steps": 10, "final_loss": 1.0}},
       "b": {"state": "exited", "rc": 0}}, "done", "a", ""),
     ({"a": {"state": "exited", "rc": 0, "last_metric": {"event": "step", "step": 4}},
@@ -299,7 +303,7 @@ def test_progress_judgement(statuses, state, host, reason):
     assert reason in out["reason"]
     if state == "running":
         assert out["line"]
-    if statuses.get("b", {}).get("log_tail") and state == "failed":
+    if (statuses.get("b") or {}).get("log_tail") and state == "failed":
         assert out["log_tail"] == "boom"
 
 
@@ -320,3 +324,63 @@ def test_summary_from_metrics():
     assert any("3.0000 -> 1.5000" in line for line in R.summary_table(s))
     with pytest.raises(PlanError):
         R.summary(plan, metrics[:2])
+
+
+def test_follow_line_gives_step_loss_rate_elapsed_and_eta():
+    status = {"now": 1100.0, "started_at": 1000.0,
+              "progress": {"event": "step", "step": 150, "total": 1150, "start_step": 100, "loss": 2.5,
+                           "tokens_per_s": 5400.0, "elapsed_s": 50.0, "time": 1100.0}}
+    assert R.follow_line(status) == "step 150/1150  loss 2.5000  5400 tokens/s  elapsed 50s  ETA 16m40s"
+    status["now"] = 1110.0  # ten seconds after the last step: elapsed goes on, the rate drops
+    assert "elapsed 1m00s" in R.follow_line(status)
+    assert R.follow_line({"now": 1030.0, "started_at": 1000.0, "log_tail": "[INFO] x\nloading weights\n"}) == \
+        "starting: 30s  | loading weights"
+    assert R.follow_line({"now": 9000, "started_at": 0, "progress": {"event": "step", "step": 5, "total": 9,
+                                                                     "start_step": 5, "elapsed_s": 0}}).endswith("ETA n/a")
+
+
+def test_status_table_and_stop_report():
+    plan = _two_host_plan()
+    statuses = {"a": {"state": "running", "rc": None, "ranks_alive": 1, "now": 10, "started_at": 0,
+                      "progress": {"event": "step", "step": 4, "total": 10, "start_step": 0, "loss": 3.25,
+                                   "tokens_per_s": 1200.0, "elapsed_s": 8.0, "time": 10},
+                      "devices": [{"index": 0, "utilization_pct": 97.0, "memory_used_mib": 30822.0,
+                                   "memory_total_mib": 81920.0}]},
+                "b": None}
+    lines = R.status_table(plan, statuses)
+    assert lines[1].split() == ["a", "running", "1/1", "4/10", "3.2500", "1200", "97.0%", "30.1/80.0", "GiB"]
+    assert lines[2].split()[:2] == ["b", "unreachable"]
+    assert "failed on b" in lines[3]
+    report = R.stop_report(plan, {"a": {"terminated": [5]}, "b": {"terminated": []}}, {"a": [10, 20], "b": [20]})
+    assert report == ["run r: stopped on a",
+                      "newest checkpoint complete on every host: step 20; continue with ./dsfleet launch.yml "
+                      "-e resume=r"]
+    assert "resume would start from step 0" in R.stop_report(plan, {}, {"a": [10], "b": []})[1]
+    assert R.common_checkpoint({"a": [10, 20, 30], "b": [20, 30], "c": [30, 40]}) == 30
+    assert R.common_checkpoint({}) is None
+
+
+def test_supervisor_commands_carry_the_watchdog_and_the_reporting_host():
+    plan = _two_host_plan(stall_timeout=60, startup_timeout=120, stop_grace=4, checkpoint_grace=90)
+    a, b = plan["hosts"]
+    start = a["commands"]["start"]["argv"]
+    assert start[start.index("--stall-timeout") + 1] == "60" and start[start.index("--startup-timeout") + 1] == "120"
+    assert start[start.index("--grace") + 1] == "4" and start[start.index("--") + 1:] == a["process"]["argv"]
+    assert "--report" in a["commands"]["status"]["argv"] and "--report" not in b["commands"]["status"]["argv"]
+    assert a["commands"]["stop_checkpoint"]["argv"][-2:] == ["--grace", "90"]
+    assert a["commands"]["status_now"]["argv"][-3:] == ["--devices", "nvidia:0", "--report"]
+    # two hosts without a shared filesystem: every host keeps the model states and its shards by local rank
+    assert plan["ds_config"]["checkpoint"] == {"use_node_local_storage": True}
+    assert "checkpoint" not in make_plan([host("a", 11, [A100(0)])])["ds_config"]
+
+
+def test_resume_continues_the_named_run():
+    plan = P.make_plan([host("a", 11, [A100(0)])], {"resume": "ft-1", "save_every_minutes": "15"})
+    assert plan["run_id"] == "ft-1" and plan["hosts"][0]["paths"]["run_dir"].endswith("/runs/ft-1")
+    argv = plan["hosts"][0]["process"]["argv"]
+    assert "--resume" in argv and argv[argv.index("--save_every_minutes") + 1] == "15.0"
+    assert plan["knobs"]["resume"] == "ft-1"
+    with pytest.raises(PlanError, match="drop run_id"):
+        P.make_plan([host("a", 11, [A100(0)])], {"resume": "ft-1", "run_id": "other"})
+    with pytest.raises(PlanError, match="resume='../x' may hold only"):
+        P.make_plan([host("a", 11, [A100(0)])], {"resume": "../x", "run_id": "r"})

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import dsfleet_ckpt as K
 import dsfleet_config as C
 import dsfleet_data as D
 
@@ -202,3 +203,17 @@ def test_bundled_corpus_reads_as_many_documents():
     texts = D.read_texts("text", str(CORPUS))
     assert len(texts) > 50 and all(t.strip() for t in texts)
     assert os.path.getsize(CORPUS) > 20000
+
+
+def test_checkpoint_bookkeeping_counts_only_complete_tags_and_keeps_the_newest(tmp_path):
+    ckpt = tmp_path / "checkpoint"
+    for step in (10, 20, 30, 40):
+        (ckpt / K.tag_for(step)).mkdir(parents=True)
+    for step in (10, 20, 30):
+        K.mark_complete(ckpt, K.tag_for(step))
+    (ckpt / "latest").write_text("global_step40")
+    assert K.complete_steps(ckpt) == [10, 20, 30]          # 40 was still being written
+    assert K.prune(ckpt, 2) == ["global_step10"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["global_step20", "global_step30", "global_step40", "latest"]
+    assert K.prune(ckpt, 0) == [] and K.prune(ckpt, 5) == []
+    assert K.complete_steps(tmp_path / "nothing") == []

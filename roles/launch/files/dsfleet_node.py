@@ -2,14 +2,22 @@
 # SPDX-License-Identifier: Apache-2.0
 """Per-host process supervisor for dsfleet runs (stdlib only; runs with the host's dsfleet venv python).
 
-    dsfleet_node.py start  --run-dir D -- CMD ARGS...   start CMD detached in its own process group, log to D/node.log
-    dsfleet_node.py status --run-dir D [--wait S]       JSON: state running|exited|missing, rc, progress, log tail
+    dsfleet_node.py start  --run-dir D [--stall-timeout S] [--startup-timeout S] [--grace S] -- CMD ARGS...
+                                    start CMD detached in its own process group, log to D/node.log, and watch it
+    dsfleet_node.py status --run-dir D [--wait S] [--report]
+                                    JSON: state running|exited|missing, rc, reason, progress, ranks alive, log tail
     dsfleet_node.py stop   --run-dir D [--grace S]      SIGTERM the process group and every process naming D, then KILL
     dsfleet_node.py ps     --run-dir D                  JSON: PIDs of processes whose command line names D
+    dsfleet_node.py checkpoints --run-dir D             JSON: steps of the checkpoints complete on this host
     dsfleet_node.py port-free --port P                  exit 0 if TCP port P can be bound here, else 1
 
 The run directory's path is the run's marker: every rank's command line contains it (its --output_dir), so `stop`
 and `ps` find ranks started by DeepSpeed's pdsh runner too, by PID, never by process name.
+
+No run is left unwatched: the supervisor outlives the controller (Ctrl-C, a dropped SSH session) and enforces the
+timeouts itself. Every rank touches D/out/heartbeat/rank-<R> after each optimizer step; with no heartbeat for
+--stall-timeout seconds (or none at all within --startup-timeout) it stops the whole process group, so the peer
+ranks on the other hosts stop too, and records why in D/node.reason.
 """
 
 import argparse
@@ -22,8 +30,12 @@ import time
 
 STATE = "node.json"
 RC = "node.rc"
+REASON = "node.reason"
 LOG = "node.log"
 METRICS = os.path.join("out", "metrics.jsonl")
+PROGRESS = os.path.join("out", "progress.json")
+HEARTBEATS = os.path.join("out", "heartbeat")
+START_MARK = "==== dsfleet_node: started"
 
 
 def _read_json(path):
@@ -75,6 +87,8 @@ def _tail(path, lines=40):
             data = f.read().decode("utf-8", "replace")
     except OSError:
         return ""
+    if START_MARK in data:
+        data = data[data.rindex(START_MARK):].split("\n", 1)[-1]
     return "\n".join(data.splitlines()[-lines:])
 
 
@@ -88,6 +102,80 @@ def _last_metric(path):
     return None
 
 
+def newest_heartbeat(run_dir):
+    """mtime of the newest rank heartbeat, or None before the first optimizer step."""
+    folder = os.path.join(run_dir, HEARTBEATS)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return None
+    times = []
+    for name in names:
+        try:
+            times.append(os.path.getmtime(os.path.join(folder, name)))
+        except OSError:
+            continue
+    return max(times) if times else None
+
+
+def _write(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def terminate(run_dir, pgid, grace):
+    """SIGTERM the process group and every process naming the run directory, wait ``grace`` s, then SIGKILL."""
+    targets = set(marked_pids(run_dir))
+    if pgid and _alive(pgid):
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for pid in targets:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + grace
+    while time.time() < deadline and (marked_pids(run_dir) or (pgid and _alive(pgid))):
+        time.sleep(0.2)
+    killed = []
+    for pid in marked_pids(run_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except ProcessLookupError:
+            pass
+    if pgid:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return sorted(targets | ({pgid} if pgid else set())), killed
+
+
+def watch(child, run_dir, started, stall_timeout, startup_timeout, grace):
+    """Wait for the child; stop it when its ranks make no progress. Returns (rc, reason or None)."""
+    while True:
+        try:
+            return child.wait(timeout=1.0), None
+        except subprocess.TimeoutExpired:
+            pass
+        now, beat = time.time(), newest_heartbeat(run_dir)
+        reason = None
+        if beat is None and startup_timeout and now - started > startup_timeout:
+            reason = "no training step within startup_timeout=%ss" % startup_timeout
+        elif beat is not None and stall_timeout and now - beat > stall_timeout:
+            reason = "no progress for %ds (stall_timeout=%ss): a rank is stuck" % (now - beat, stall_timeout)
+        if reason:
+            _write(os.path.join(run_dir, REASON), reason + "\n")
+            with open(os.path.join(run_dir, LOG), "a") as log:
+                log.write("dsfleet_node: %s; stopping every process of the run on this host\n" % reason)
+            terminate(run_dir, child.pid, grace)
+            return child.wait(), reason
+
+
 def cmd_start(args):
     run_dir = os.path.abspath(args.run_dir)
     state = _read_json(os.path.join(run_dir, STATE))
@@ -97,9 +185,13 @@ def cmd_start(args):
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         sys.exit("dsfleet_node: start needs a command after --")
-    for name in (STATE, RC):
+    for name in (STATE, RC, REASON, PROGRESS):
         if os.path.exists(os.path.join(run_dir, name)):
             os.unlink(os.path.join(run_dir, name))
+    beats = os.path.join(run_dir, HEARTBEATS)  # an earlier attempt's heartbeats would read as a stall
+    if os.path.isdir(beats):
+        for name in os.listdir(beats):
+            os.unlink(os.path.join(beats, name))
     read_fd, write_fd = os.pipe()
     if os.fork():  # parent: wait for the supervisor to report the child's PID
         os.close(write_fd)
@@ -116,8 +208,11 @@ def cmd_start(args):
     if os.fork():
         os._exit(0)
     devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
+    for fd in (0, 1, 2):  # hold none of the caller's pipes: whoever ran `start` sees it end at once
+        os.dup2(devnull, fd)
     log = open(os.path.join(run_dir, LOG), "ab", buffering=0)
+    # a run that is resumed appends to the same log: status reads only what follows the newest marker
+    log.write(("%s %s\n" % (START_MARK, time.strftime("%Y-%m-%d %H:%M:%S"))).encode())
     env = dict(os.environ)
     for item in args.env or []:
         key, _, value = item.partition("=")
@@ -132,30 +227,50 @@ def cmd_start(args):
         os.write(write_fd, json.dumps({"pid": None, "error": str(exc)}).encode())
         os._exit(0)
     state = {"pid": child.pid, "pgid": child.pid, "supervisor": os.getpid(), "started_at": time.time(),
-             "command": command}
+             "command": command, "stall_timeout": args.stall_timeout, "startup_timeout": args.startup_timeout}
     with open(os.path.join(run_dir, STATE + ".tmp"), "w") as f:
         json.dump(state, f)
     os.replace(os.path.join(run_dir, STATE + ".tmp"), os.path.join(run_dir, STATE))
     os.write(write_fd, json.dumps(state).encode())
     os.close(write_fd)
-    rc = child.wait()
+    rc, _ = watch(child, run_dir, state["started_at"], args.stall_timeout, args.startup_timeout, args.grace)
     with open(os.path.join(run_dir, RC + ".tmp"), "w") as f:
         f.write("%d\n" % rc)
     os.replace(os.path.join(run_dir, RC + ".tmp"), os.path.join(run_dir, RC))
     os._exit(0)
 
 
-def status(run_dir):
+def _read_text(path):
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def rank_pids(run_dir):
+    """PIDs of the training ranks of the run on this host (not the launchers)."""
+    out = []
+    for pid in marked_pids(run_dir):
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"train.py") for a in argv) and any(a.startswith(b"--local_rank") for a in argv):
+            out.append(pid)
+    return out
+
+
+def status(run_dir, report=False):
     run_dir = os.path.abspath(run_dir)
     state = _read_json(os.path.join(run_dir, STATE))
     metrics = os.path.join(run_dir, METRICS)
-    out = {"state": "missing", "rc": None, "started_at": None, "ended_at": None, "progress_at": None,
-           "last_metric": None,
-           "log_tail": _tail(os.path.join(run_dir, LOG))}
-    last = _last_metric(metrics)
-    out["last_metric"] = last
-    if last is not None and last.get("event") in ("step", "end"):
-        out["progress_at"] = os.path.getmtime(metrics)
+    out = {"dsfleet_status": 1, "report": report, "state": "missing", "rc": None, "reason": None,
+           "started_at": None, "ended_at": None, "progress_at": newest_heartbeat(run_dir),
+           "progress": _read_json(os.path.join(run_dir, PROGRESS)), "last_metric": _last_metric(metrics),
+           "ranks_alive": len(rank_pids(run_dir)), "log_tail": _tail(os.path.join(run_dir, LOG))}
+    out["reason"] = _read_text(os.path.join(run_dir, REASON))
     if state is None:
         if os.path.exists(os.path.join(run_dir, RC)):
             out["state"], out["rc"] = "exited", 127
@@ -169,17 +284,92 @@ def status(run_dir):
         out["state"] = "running" if _alive(state["pid"]) or _alive(state.get("supervisor") or -1) else "exited"
         if out["state"] == "exited":  # supervisor vanished without writing rc (killed): a failure
             out["rc"] = -9
+            out["reason"] = out["reason"] or "the supervisor was killed (host rebooted or out of memory?)"
+    return out
+
+
+def _run(argv, timeout=15):
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, str(exc)
+    return (proc.stdout, None) if proc.returncode == 0 else (None, (proc.stderr or proc.stdout).strip()[:200])
+
+
+def device_readings(spec):
+    """Memory and utilisation of this host's devices from the vendor tool. ``spec``: "nvidia:0,1", "amd:0",
+    "intel:0", or "cpu" (the host's memory)."""
+    vendor, _, indices = spec.partition(":")
+    wanted = [int(i) for i in indices.split(",") if i.strip().isdigit()]
+    out = []
+    if vendor == "nvidia":
+        text, error = _run(["nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used,memory.total",
+                            "--format=csv,noheader,nounits"])
+        if text is None:
+            return [{"error": "nvidia-smi: %s" % error}]
+        for line in text.splitlines():
+            cells = [c.strip() for c in line.split(",")]
+            if len(cells) == 4 and cells[0].isdigit() and (not wanted or int(cells[0]) in wanted):
+                num = [float(c) if c.replace(".", "", 1).isdigit() else None for c in cells[1:]]
+                out.append({"index": int(cells[0]), "utilization_pct": num[0], "memory_used_mib": num[1],
+                            "memory_total_mib": num[2]})
+    elif vendor == "amd":
+        text, error = _run(["rocm-smi", "--showuse", "--showmeminfo", "vram", "--json"])
+        if text is None:
+            return [{"error": "rocm-smi: %s" % error}]
+        try:
+            data = json.loads(text[text.index("{"):])
+        except ValueError:
+            return [{"error": "rocm-smi printed no JSON"}]
+        for card, values in sorted(data.items()):
+            index = int("".join(ch for ch in card if ch.isdigit()) or -1)
+            if not card.startswith("card") or (wanted and index not in wanted):
+                continue
+            pick = {k.lower(): v for k, v in values.items()}
+            used = next((v for k, v in pick.items() if "vram" in k and "used" in k), None)
+            total = next((v for k, v in pick.items() if "vram" in k and "total" in k and "used" not in k), None)
+            util = next((v for k, v in pick.items() if "gpu use" in k), None)
+            out.append({"index": index, "utilization_pct": float(util) if util is not None else None,
+                        "memory_used_mib": float(used) / 2**20 if used is not None else None,
+                        "memory_total_mib": float(total) / 2**20 if total is not None else None})
+    elif vendor == "intel":
+        for index in wanted or [0]:
+            text, error = _run(["xpu-smi", "stats", "-d", str(index), "-j"])
+            if text is None:
+                out.append({"index": index, "error": "xpu-smi: %s" % error})
+                continue
+            try:
+                metrics = {m.get("metrics_type"): m.get("value") for m in json.loads(text).get("device_level", [])}
+            except (ValueError, AttributeError):
+                out.append({"index": index, "error": "xpu-smi printed no JSON"})
+                continue
+            out.append({"index": index, "utilization_pct": metrics.get("XPUM_STATS_GPU_UTILIZATION"),
+                        "memory_used_mib": metrics.get("XPUM_STATS_MEMORY_USED"), "memory_total_mib": None})
+    else:
+        info = {}
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    key, _, rest = line.partition(":")
+                    info[key] = int(rest.split()[0]) // 1024
+        except (OSError, ValueError, IndexError):
+            return [{"error": "cannot read /proc/meminfo"}]
+        total = info.get("MemTotal")
+        used = total - info.get("MemAvailable", 0) if total else None
+        out.append({"index": None, "utilization_pct": None, "memory_used_mib": used, "memory_total_mib": total})
     return out
 
 
 def cmd_status(args):
     deadline = time.time() + max(0.0, args.wait)
-    current = status(args.run_dir)
+    current = status(args.run_dir, args.report)
     while time.time() < deadline and current["state"] == "running":
         time.sleep(0.5)
-        current = status(args.run_dir)
+        current = status(args.run_dir, args.report)
         if current["state"] != "running":
             break
+    if args.devices:
+        current["devices"] = device_readings(args.devices)
     current["now"] = time.time()
     print(json.dumps(current))
     return 0
@@ -188,36 +378,27 @@ def cmd_status(args):
 def cmd_stop(args):
     run_dir = os.path.abspath(args.run_dir)
     state = _read_json(os.path.join(run_dir, STATE)) or {}
-    targets = set(marked_pids(run_dir))
-    pgid = state.get("pgid")
-    if pgid and _alive(pgid):
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    for pid in targets:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.time() + args.grace
-    while time.time() < deadline and (marked_pids(run_dir) or (pgid and _alive(pgid))):
-        time.sleep(0.2)
-    killed = []
-    for pid in marked_pids(run_dir):
-        try:
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-        except ProcessLookupError:
-            pass
-    if pgid:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    running = not os.path.exists(os.path.join(run_dir, RC)) and state.get("pid") and _alive(state["pid"])
+    if running and not os.path.exists(os.path.join(run_dir, REASON)):
+        _write(os.path.join(run_dir, REASON), "stopped on request\n")
+    before = marked_pids(run_dir)
+    terminated, killed = terminate(run_dir, state.get("pgid"), args.grace)
     time.sleep(0.2)
-    print(json.dumps({"terminated": sorted(targets | ({pgid} if pgid else set())), "killed": killed,
-                      "left": marked_pids(run_dir)}))
+    print(json.dumps({"terminated": terminated if running or before else [],
+                      "killed": killed, "left": marked_pids(run_dir)}))
+    return 0
+
+
+def cmd_checkpoints(args):
+    """Steps of the checkpoints complete on this host (train/dsfleet_ckpt.py writes the markers)."""
+    folder = os.path.join(os.path.abspath(args.run_dir), "out", "checkpoint")
+    steps = []
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith("global_step") and name[11:].isdigit() and \
+                    os.path.isfile(os.path.join(folder, name, ".dsfleet-complete")):
+                steps.append(int(name[11:]))
+    print(json.dumps({"complete": sorted(steps)}))
     return 0
 
 
@@ -246,12 +427,17 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="verb", required=True)
     p = sub.add_parser("start")
     p.add_argument("--run-dir", required=True)
+    p.add_argument("--stall-timeout", type=float, default=0, help="stop the run when no rank steps for S s (0: off)")
+    p.add_argument("--startup-timeout", type=float, default=0, help="stop the run when no step comes within S s")
+    p.add_argument("--grace", type=float, default=10, help="seconds between SIGTERM and SIGKILL when stopping")
     p.add_argument("--env", action="append", help="KEY=VALUE added to the command's environment")
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_start)
     p = sub.add_parser("status")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--wait", type=float, default=0, help="wait up to S seconds, returning early when the process exits")
+    p.add_argument("--report", action="store_true", help="mark this host's status as the one a follower prints")
+    p.add_argument("--devices", help="add device readings: nvidia:0,1 | amd:0 | intel:0 | cpu")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("stop")
     p.add_argument("--run-dir", required=True)
@@ -260,6 +446,9 @@ def main(argv=None):
     p = sub.add_parser("ps")
     p.add_argument("--run-dir", required=True)
     p.set_defaults(func=cmd_ps)
+    p = sub.add_parser("checkpoints")
+    p.add_argument("--run-dir", required=True)
+    p.set_defaults(func=cmd_checkpoints)
     p = sub.add_parser("port-free")
     p.add_argument("--port", type=int, required=True)
     p.set_defaults(func=cmd_port_free)
