@@ -5,7 +5,6 @@ The follow loop is one status task retried until the run ends (roles/launch/task
 master's status (marked "report") becomes one line, formatted by lib/dsfleet_core/run.py follow_line.
 """
 
-import json
 import os
 import sys
 
@@ -33,11 +32,8 @@ def dsfleet_status(result):
     text = (result or {}).get("stdout") or ""
     if '"dsfleet_status"' not in text:
         return None
-    try:
-        status = json.loads(text)
-    except ValueError:
-        return None
-    return status if isinstance(status, dict) and status.get("dsfleet_status") else None
+    status = _run.status_json(text)
+    return status if status and status.get("dsfleet_status") else None
 
 
 class CallbackModule(CallbackBase):

@@ -35,6 +35,7 @@ class FilterModule(object):
             "dsfleet_summary": _adapt(_run.summary),
             "dsfleet_summary_table": _adapt(_run.summary_table),
             "dsfleet_status_table": _adapt(_run.status_table),
+            "dsfleet_status_json": _adapt(_run.status_json),
             "dsfleet_stop_report": _adapt(_run.stop_report),
             "dsfleet_common_checkpoint": _adapt(_run.common_checkpoint),
         }

@@ -47,7 +47,10 @@ def run_playbook(playbook, extravars=None, inventory=None, timeout=1800, cmdline
     extravars = dict(extravars or {})
     if inventory is None and playbook == "launch.yml" and "master_port" not in extravars:
         extravars["master_port"] = free_port()
+    # ansible-runner puts its own callback directory in ANSIBLE_CALLBACK_PLUGINS, after what is set here: name
+    # the project's, so its progress lines (dsfleet_progress) reach stdout as they do for ./dsfleet
     env = {"ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_CALLBACK_PLUGINS": str(ROOT / "callback_plugins"),
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     env.update(envvars or {})
     with tempfile.TemporaryDirectory(prefix="dsfleet-runner-") as private:

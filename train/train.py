@@ -62,7 +62,6 @@ if str(HERE) not in sys.path:  # the torch-free pieces live beside this file (al
     sys.path.insert(0, str(HERE))
 
 from dsfleet_ckpt import complete_steps, mark_complete, prune, tag_for  # noqa: E402
-
 from dsfleet_config import AUTO_FILLABLE, MIN_LR_RATIO, UsageError, fail, fill_auto, lr_lambda, read_ds_config  # noqa: E402,F401
 from dsfleet_data import (  # noqa: E402,F401
     BUNDLED_CORPUS,

@@ -6,6 +6,7 @@ Pure functions of the plan (lib/dsfleet_core/plan.py) and what the hosts' superv
 
 from __future__ import annotations
 
+import json
 import math
 
 from . import PlanError
@@ -28,6 +29,21 @@ def plan_table(plan):
                                            plan["zero"]["stage"]))
     lines += ["warning: " + w for w in plan["warnings"]]
     return lines
+
+
+def status_json(text):
+    """The supervisor's status object from a command's output (the last JSON line; a login shell may print other
+    lines first), or None when there is none (the host did not answer)."""
+    for line in reversed((text or "").splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                return value
+    return None
 
 
 def _duration(seconds):

@@ -8,6 +8,7 @@ controller's wheelhouse, then each test breaks one thing, runs launch.yml throug
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -168,6 +169,64 @@ def test_pdsh_from_a_master_that_is_not_the_first_host(cluster, tmp_path):
             assert (proc.returncode, proc.stdout.strip()) == (0, dst), (src, dst, proc.stderr)
 
 
+def operate(rig, tmp_path, playbook, run_id, **extra):
+    env = {"ANSIBLE_SSH_CONTROL_PATH_DIR": str(tmp_path / "cp")}
+    return run_playbook(playbook, dict(run_id=run_id, **extra), inventory=rig.inventory, envvars=env)
+
+
+def wait_for_step(rig, run_id, step, limit=400):
+    metrics = home(rig, "h1") / ".dsfleet" / "runs" / run_id / "out" / "progress.json"
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        try:
+            if json.loads(metrics.read_text()).get("step", 0) >= step:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(1)
+    raise AssertionError("run %s never reached step %d" % (run_id, step))
+
+
+def test_detached_run_is_followed_to_the_end(cluster, tmp_path):
+    result, run_id, took = launch(cluster, tmp_path, follow=False, max_steps=30)
+    assert result.rc == 0, result.stdout[-3000:]
+    assert "follow:  ./dsfleet playbooks/follow.yml -e run_id=%s" % run_id in result.stdout
+    assert not (RUNS / run_id / "summary.json").exists()
+    followed = operate(cluster, tmp_path, "playbooks/follow.yml", run_id)
+    assert followed.rc == 0, followed.stdout[-4000:]
+    summary = json.loads((RUNS / run_id / "summary.json").read_text())
+    assert summary["steps"] == 30 and [h["name"] for h in summary["hosts"]] == cluster.names
+    assert all((RUNS / run_id / "logs" / ("%s.log" % h)).is_file() for h in cluster.names)
+
+
+def test_status_then_stop_leaves_nothing_and_resume_continues(cluster, tmp_path):
+    result, run_id, took = launch(cluster, tmp_path, follow=False, max_steps=100000, save_every_minutes=0)
+    assert result.rc == 0, result.stdout[-3000:]
+    wait_for_step(cluster, run_id, 5)
+    status = operate(cluster, tmp_path, "playbooks/status.yml", run_id)
+    assert status.rc == 0, status.stdout[-3000:]
+    for host in cluster.names:
+        assert re.search(r"%s\s+running\s+1/1" % host, status.stdout), status.stdout[-3000:]
+    assert "run %s: running — step " % run_id in status.stdout
+    stop = operate(cluster, tmp_path, "playbooks/stop.yml", run_id)
+    assert stop.rc == 0, stop.stdout[-3000:]
+    assert "run %s: stopped on h1, h2, h3" % run_id in stop.stdout
+    assert {h: training_pids(cluster, h) for h in cluster.names} == {h: [] for h in cluster.names}
+    found = re.search(r"newest checkpoint complete on every host: step (\d+)", stop.stdout)
+    assert found, stop.stdout[-3000:]
+    halt = int(found.group(1))
+    # every host holds its own shards of that checkpoint (no shared filesystem)
+    for host in cluster.names:
+        tag = home(cluster, host) / ".dsfleet" / "runs" / run_id / "out" / "checkpoint" / ("global_step%d" % halt)
+        assert (tag / ".dsfleet-complete").is_file(), host
+    resumed = run_playbook("launch.yml", dict(VARS, resume=run_id, max_steps=halt + 5), inventory=cluster.inventory,
+                           envvars={"ANSIBLE_SSH_CONTROL_PATH_DIR": str(tmp_path / "cp2")})
+    assert resumed.rc == 0, resumed.stdout[-4000:]
+    assert "resuming from step %d" % halt in resumed.stdout
+    summary = json.loads((RUNS / run_id / "summary.json").read_text())
+    assert summary["steps"] == halt + 5
+
+
 def test_unreachable_host_fails_fast(cluster, tmp_path):
     # last: the host stays down. Its sshd is stopped by PID, as the rig recorded it.
     os.kill(cluster.host("h3")["sshd_pid"], signal.SIGTERM)
@@ -183,3 +242,37 @@ def test_unreachable_host_fails_fast(cluster, tmp_path):
     assert [h["name"] for h in plan["hosts"]] == ["h1", "h2"]
     assert plan["excluded"] == [{"name": "h3", "reason": "excluded by the user (exclude=)"}]
     assert "left out: h3" in dry.stdout
+
+
+def test_a_worker_host_dies_mid_run(cluster, tmp_path):
+    """Every process of h2 is killed mid-run (h3 is down since the test before): the ranks on h1 stop too, and the
+    play fails naming h2, well within a minute."""
+    killed = []
+
+    def kill_host_when_training():
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            progress = list((home(cluster, "h1") / ".dsfleet" / "runs").glob("rig-*/out/progress.json"))
+            if any('"step"' in p.read_text() for p in progress if p.stat().st_mtime > started):
+                for pid in rigmod.netns_pids(cluster.host("h2")["netns"]):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                    except ProcessLookupError:
+                        pass
+                killed_at.append(time.time())
+                return
+            time.sleep(0.5)
+
+    started, killed_at = time.time(), []
+    killer = threading.Thread(target=kill_host_when_training, daemon=True)
+    killer.start()
+    result, run_id, took = launch(cluster, tmp_path, max_steps=100000, exclude="h3")
+    killer.join(timeout=5)
+    assert killed, "never saw the run train"
+    assert result.rc != 0
+    failure = " ".join(result.failures)
+    assert "h2" in failure and ("unreachable" in failure or "training failed on h2" in failure), result.failures
+    assert time.time() - killed_at[0] < 90
+    time.sleep(1)
+    assert training_pids(cluster, "h1") == []

@@ -124,6 +124,9 @@ def test_launch_tasks_run_only_the_plans_commands():
             for value in re.findall(r"^\s*%s:\s*(.*)$" % key, text, re.M):
                 assert re.fullmatch(r'"\{\{ __launch_me\.commands\.\w+\.(argv|env|cwd) \}\}"', value.strip()), (
                     "%s: %s: %s is not the plan's" % (path.name, key, value))
+        for value in re.findall(r"^\s*ansible\.builtin\.raw:\s*(.*)$", text, re.M):
+            assert value.strip() == '"{{ __launch_me.commands.status.argv | map(\'quote\') | join(\' \') }}"', (
+                "%s: raw: %s is not the plan's argv, quoted" % (path.name, value))
         assert "cmd:" not in text and "ansible.builtin.shell" not in text, path.name
 
 

@@ -384,3 +384,9 @@ def test_resume_continues_the_named_run():
         P.make_plan([host("a", 11, [A100(0)])], {"resume": "ft-1", "run_id": "other"})
     with pytest.raises(PlanError, match="resume='../x' may hold only"):
         P.make_plan([host("a", 11, [A100(0)])], {"resume": "../x", "run_id": "r"})
+
+
+def test_status_json_takes_the_last_json_line():
+    assert R.status_json('motd line\n{"state": "running", "dsfleet_status": 1}\n') == {"state": "running",
+                                                                                      "dsfleet_status": 1}
+    assert R.status_json("") is None and R.status_json("not json\n{broken") is None

@@ -1,0 +1,70 @@
+"""Operating a real run on this machine: launch detached (follow=false), status.yml while it trains, stop.yml
+(every rank checkpoints, nothing is left running), then launch.yml -e resume=ID continues exactly: the losses after
+the resume equal those of the same run left uninterrupted."""
+import json
+import subprocess
+import time
+import uuid
+
+from helpers import RUNS, run_playbook
+
+KNOBS = {"max_steps": 2000, "block_size": 32, "micro_batch": 2, "log_every": 1, "save_every_minutes": 0,
+         "poll_interval": 2, "seed": 77}
+
+
+def _steps(run_id):
+    lines = [json.loads(x) for x in (RUNS / run_id / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m["loss"] for m in lines if m["event"] == "step"}, lines
+
+
+def _status(plan):
+    argv = plan["hosts"][0]["commands"]["status_now"]["argv"]
+    return json.loads(subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout)
+
+
+def test_detach_status_stop_and_resume_exactly(train_python):
+    base = uuid.uuid4().hex[:6]
+    straight, stopped = "straight-" + base, "stopped-" + base
+    result = run_playbook("launch.yml", dict(KNOBS, run_id=straight))
+    assert result.rc == 0, result.stdout[-4000:]
+    reference, _ = _steps(straight)
+    assert len(reference) == 2000
+
+    result = run_playbook("launch.yml", dict(KNOBS, run_id=stopped, follow=False))
+    assert result.rc == 0, result.stdout[-4000:]
+    assert "playbooks/follow.yml -e run_id=%s" % stopped in result.stdout
+    plan = json.loads((RUNS / stopped / "plan.json").read_text())
+    deadline = time.time() + 600
+    while time.time() < deadline:  # the play has ended; the ranks train on
+        st = _status(plan)
+        if (st.get("progress") or {}).get("step", 0) >= 40:
+            break
+        assert st["state"] == "running", st
+        time.sleep(1)
+    assert st["ranks_alive"] == 2
+
+    status = run_playbook("playbooks/status.yml", {"run_id": stopped})
+    assert status.rc == 0, status.stdout[-3000:]
+    assert "localhost  running  2/2" in status.stdout and "run %s: running — step " % stopped in status.stdout
+
+    stop = run_playbook("playbooks/stop.yml", {"run_id": stopped})
+    assert stop.rc == 0, stop.stdout[-3000:]
+    assert "run %s: stopped on localhost" % stopped in stop.stdout
+    assert "-e resume=%s" % stopped in stop.stdout
+    st = _status(plan)
+    assert (st["state"], st["ranks_alive"], st["reason"]) == ("exited", 0, "stopped on request")
+    ps = subprocess.run(plan["hosts"][0]["commands"]["ps"]["argv"], capture_output=True, text=True, check=True)
+    assert json.loads(ps.stdout)["pids"] == []
+    _, events = _steps(stopped)
+    halt = [e for e in events if e["event"] == "stopped"][-1]
+    assert 40 <= halt["step"] < 2000, halt
+
+    resumed = run_playbook("launch.yml", {"resume": stopped, "poll_interval": 2})
+    assert resumed.rc == 0, resumed.stdout[-4000:]
+    assert "resuming from step %d" % halt["step"] in resumed.stdout
+    summary = json.loads((RUNS / stopped / "summary.json").read_text())
+    assert summary["steps"] == 2000
+    after = {s: loss for s, loss in _steps(stopped)[0].items() if s > halt["step"]}
+    assert sorted(after) == list(range(halt["step"] + 1, 2001))
+    worst = max(abs(after[s] - reference[s]) / abs(reference[s]) for s in after)
+    assert worst < 1e-3, worst
