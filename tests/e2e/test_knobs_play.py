@@ -70,3 +70,17 @@ def test_dry_run_renders_the_plan_from_inventory_knobs_and_starts_nothing(tmp_pa
     assert env == plan["deepspeed_env"]
     assert not (RUNS / run_id / "metrics.jsonl").exists() and not (RUNS / run_id / "summary.json").exists()
     assert "Run the planned job" in result.stdout and ROOT.is_dir()
+
+
+def test_an_inventory_without_group_dsfleet_fails_naming_the_group(tmp_path):
+    inv = tmp_path / "hosts.yml"
+    inv.write_text("all:\n  hosts:\n    localhost:\n      ansible_connection: local\n")
+    for playbook in ("launch.yml", "setup.yml", "playbooks/status.yml"):
+        result = run_playbook(playbook, {"dry_run": True} if playbook == "launch.yml" else {}, inventory=inv)
+        assert result.rc != 0, playbook
+        assert "the inventory has no host in group dsfleet (its hosts: localhost)" in _failure(result), playbook
+
+
+def test_resume_of_an_unknown_run_fails_before_anything_starts():
+    result = run_playbook("launch.yml", {"resume": "no-such-run-%s" % uuid.uuid4().hex[:6]})
+    assert result.rc != 0 and "there is no run no-such-run-" in _failure(result)
