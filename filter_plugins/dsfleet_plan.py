@@ -5,7 +5,6 @@ Thin adapters: the decisions, process specs and the DeepSpeed config are compute
 lib/dsfleet_core, which the unit tests import directly.
 """
 
-import functools
 import os
 import sys
 
@@ -15,19 +14,13 @@ if _LIB not in sys.path:
 
 from ansible.errors import AnsibleFilterError  # noqa: E402
 
-from dsfleet_core import PlanError  # noqa: E402
 from dsfleet_core import knobs as _knobs  # noqa: E402
 from dsfleet_core import plan as _plan  # noqa: E402
+from dsfleet_core import raising  # noqa: E402
 
 
 def _adapt(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except PlanError as exc:
-            raise AnsibleFilterError(str(exc)) from None
-    return wrapper
+    return raising(AnsibleFilterError, fn)
 
 
 def dsfleet_knob_regex(_=None):

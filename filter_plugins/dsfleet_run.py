@@ -1,7 +1,6 @@
 # -*- coding: utf-8 -*-
 """dsfleet run filters: progress, failure blame, summary and tables (lib/dsfleet_core/run.py)."""
 
-import functools
 import os
 import sys
 
@@ -11,18 +10,12 @@ if _LIB not in sys.path:
 
 from ansible.errors import AnsibleFilterError  # noqa: E402
 
-from dsfleet_core import PlanError  # noqa: E402
+from dsfleet_core import raising  # noqa: E402
 from dsfleet_core import run as _run  # noqa: E402
 
 
 def _adapt(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except PlanError as exc:
-            raise AnsibleFilterError(str(exc)) from None
-    return wrapper
+    return raising(AnsibleFilterError, fn)
 
 
 class FilterModule(object):

@@ -12,3 +12,16 @@ the unit tests import them directly.
 
 class PlanError(Exception):
     """Bad input or an impossible cluster; the message says what to change."""
+
+
+def raising(exc_type, fn):
+    """``fn`` raising ``exc_type`` (e.g. Ansible's AnsibleFilterError) with the same message instead of PlanError."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PlanError as exc:
+            raise exc_type(str(exc)) from None
+    return wrapper
