@@ -61,12 +61,23 @@ def _alive(pid):
         return False
 
 
+def _netns(pid):
+    try:
+        return os.readlink("/proc/%s/ns/net" % pid)
+    except OSError:
+        return None
+
+
 def marked_pids(marker):
-    """PIDs (not ours) whose command line contains ``marker``."""
+    """PIDs (not ours) of this host whose command line contains ``marker``. Processes in another network namespace
+    belong to another host (a container, or a test host sharing this kernel) and are left alone."""
     me = {os.getpid(), os.getppid()}
+    here = _netns("self")
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) in me:
+            continue
+        if here is not None and _netns(entry) not in (here, None):
             continue
         try:
             with open("/proc/%s/cmdline" % entry, "rb") as f:
