@@ -3,7 +3,7 @@ before anything is planned or started, naming the closest knob; a dry run render
 import json
 import uuid
 
-from helpers import ROOT, RUNS, run_playbook
+from helpers import RUNS, run_playbook
 
 
 def _failure(result):
@@ -70,7 +70,7 @@ def test_dry_run_renders_the_plan_from_inventory_knobs_and_starts_nothing(tmp_pa
     assert env == plan["deepspeed_env"]
     assert not (RUNS / run_id / "metrics.jsonl").exists() and not (RUNS / run_id / "summary.json").exists()
     started = result.stdout[result.stdout.find("Stage the run and start the ranks"):][:300]
-    assert "skipping: [localhost]" in started and ROOT.is_dir()
+    assert "skipping: [localhost]" in started
 
 
 def test_an_inventory_without_group_dsfleet_fails_naming_the_group(tmp_path):
