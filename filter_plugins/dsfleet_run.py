@@ -31,4 +31,5 @@ class FilterModule(object):
             "dsfleet_status_json": _adapt(_run.status_json),
             "dsfleet_stop_report": _adapt(_run.stop_report),
             "dsfleet_common_checkpoint": _adapt(_run.common_checkpoint),
+            "dsfleet_resume_source": _adapt(_run.resume_source),
         }

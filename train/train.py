@@ -41,8 +41,10 @@ Outputs in --output_dir:
                     {"event": "end", "steps", "first_loss", "final_loss", "tokens_per_s", "checkpoint_dir",
                      "checkpoint_tag", "export_dir", "elapsed_s", "time"}
                     {"event": "error", "error", "time"}   if training raised
-    checkpoint/     engine.save_checkpoint (every --save_every steps and at the end); --resume continues
-                    from its latest tag (exactly, if world size and batch settings are unchanged)
+    checkpoint/     engine.save_checkpoint (every --save_every steps, every --save_every_minutes, on SIGTERM
+                    and at the end); --resume continues from the newest tag complete on every rank's disk:
+                    exactly if it was written by this world size, else from <tag>_universal (a universal
+                    checkpoint, see dsfleet_ckpt.py) when one is there
     export/         save_pretrained (safetensors) + tokenizer; AutoModelForCausalLM.from_pretrained loads it
 
 Bad input exits 2 with one line on stderr: "dsfleet-train: error: <what is wrong>. <how to fix>".
@@ -61,7 +63,16 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the torch-free pieces live beside this file (also when loaded by path)
     sys.path.insert(0, str(HERE))
 
-from dsfleet_ckpt import complete_steps, mark_complete, prune, tag_for  # noqa: E402
+from dsfleet_ckpt import (  # noqa: E402
+    complete_layouts,
+    mark_complete,
+    newest_at_most,
+    prune,
+    tag_for,
+    universal_steps,
+    universal_tag_for,
+    usable_steps,
+)
 from dsfleet_config import AUTO_FILLABLE, MIN_LR_RATIO, UsageError, fail, fill_auto, lr_lambda, read_ds_config  # noqa: E402,F401
 from dsfleet_data import (  # noqa: E402,F401
     BUNDLED_CORPUS,
@@ -137,6 +148,9 @@ def parse_args(argv=None):
     p.add_argument("--keep_checkpoints", type=int, default=KEEP_CHECKPOINTS, help="complete checkpoints kept (0: all)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint complete on every rank's disk, if there is one")
+    p.add_argument("--replicas", default=None,
+                   help="JSON list [{ranks, argv}]: after each checkpoint the host holding RANK's shards runs argv "
+                        "+ [--tag TAG] (dsfleet_node.py replicate: a copy on the next host)")
     p.add_argument("--preflight", action="store_true", help="check inputs, print one JSON line, exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the deepspeed launcher; ignored (LOCAL_RANK/RANK/WORLD_SIZE are read from env)")
@@ -284,6 +298,39 @@ def training_function(args):
     model = build_model(kind, where, config, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
 
+    from deepspeed.accelerator import get_accelerator
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(get_accelerator().device_name(local_rank))
+
+    def agree(value, op):
+        # every rank contributes; on the accelerator, since NCCL/RCCL/XCCL reduce only device tensors
+        t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=op)
+        return t.item()
+
+    def common_step(steps):
+        """The newest step in every rank's ``steps`` (-1: none): MIN over ranks until it stops moving."""
+        bound = float("inf")
+        while True:
+            found = int(agree(newest_at_most(steps, bound), dist.ReduceOp.MIN))
+            if found < 0 or agree(found in steps, dist.ReduceOp.MIN) > 0:
+                return found
+            bound = found - 1 if found not in steps else found
+
+    resume_tag = None
+    if args.resume:
+        # no shared filesystem: each host has its own shards; a tag written by another world is loaded from its
+        # universal conversion (the launcher makes one when the hosts change)
+        exact = common_step(usable_steps(complete_layouts(ckpt_dir), rank, world_size, s["zero_stage"]))
+        universal = common_step(universal_steps(ckpt_dir))
+        if exact >= 0 and exact >= universal:
+            resume_tag = tag_for(exact)
+        elif universal >= 0:
+            resume_tag = universal_tag_for(universal)
+            ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+        else:
+            print0(f"no checkpoint in {ckpt_dir} complete on every rank for {world_size} rank(s); starting from step 0")
+
     optimizer = scheduler = None
     groups = param_groups(model, s["weight_decay"] if s["has_optimizer"] else WEIGHT_DECAY)
     if not s["has_optimizer"]:  # a hand-written config without an optimizer: client AdamW, no op to compile
@@ -295,39 +342,33 @@ def training_function(args):
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         model_parameters=None if optimizer else groups)
 
-    def agree(value, op):
-        # every rank contributes; the engine's device, since NCCL/RCCL/XCCL reduce only device tensors
-        t = torch.tensor([float(value)], dtype=torch.float64, device=engine.device)
-        dist.all_reduce(t, op=op)
-        return t.item()
-
     start_step = 0
-    if args.resume:
-        # the newest tag complete on every rank's own disk (no shared filesystem: each host has its own shards)
-        local = complete_steps(ckpt_dir)
-        common = int(agree(local[-1] if local else -1, dist.ReduceOp.MIN))
-        if common >= 0:
-            if agree(common in local, dist.ReduceOp.MIN) < 1:
-                fail(f"checkpoint {tag_for(common)} is not complete on every host",
-                     "Resume on the hosts that wrote it, or start a new run")
-            _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag_for(common))
-            start_step = int((client_state or {}).get("step", engine.global_steps))
-            print0(f"resumed from {ckpt_dir / tag_for(common)} at step {start_step}")
-        else:
-            print0(f"no complete checkpoint in {ckpt_dir} on every rank; starting from step 0")
+    if resume_tag:
+        _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=resume_tag)
+        start_step = int((client_state or {}).get("step", engine.global_steps))
+        print0(f"resumed from {ckpt_dir / resume_tag} at step {start_step}"
+               + (f" (universal checkpoint, now {world_size} rank(s))" if resume_tag.endswith("_universal") else ""))
 
     stop_requested = []
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))  # checkpoint at the next step, then exit
     heartbeat = out / "heartbeat" / f"rank-{rank}"
     heartbeat.parent.mkdir(parents=True, exist_ok=True)
 
-    def save(at_step):
+    local_size = int(os.environ.get("LOCAL_SIZE", "1"))
+    host_ranks = list(range(rank - local_rank, rank - local_rank + local_size))
+    replicas = Replicas(args.replicas, rank) if local_rank == 0 else None
+
+    def save(at_step, final=False):
         tag = tag_for(at_step)
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": at_step})
+        # universal_checkpoint_info lets ds_to_universal convert the tag when the world changes
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={
+            "step": at_step, "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
         dist.barrier()  # every rank of every host has written its part
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            mark_complete(ckpt_dir, tag)
+        if replicas is not None:
+            mark_complete(ckpt_dir, tag, {"step": at_step, "world_size": world_size, "ranks": host_ranks,
+                                          "zero_stage": s["zero_stage"]})
             prune(ckpt_dir, args.keep_checkpoints)
+            replicas.send(tag, final)
         return tag
 
     data = torch.tensor(mine, dtype=torch.long)
@@ -390,7 +431,7 @@ def training_function(args):
                     args.save_every_minutes and time.time() - last_save >= args.save_every_minutes * 60)
                 stop = agree(bool(stop_requested), dist.ReduceOp.MAX) > 0
                 if stop or agree(bool(due), dist.ReduceOp.MAX) > 0:
-                    tag = save(step)
+                    tag = save(step, final=stop)
                     last_save = time.time()
                 if stop:
                     metrics.write("stopped", step=step, checkpoint_tag=tag, checkpoint_dir=str(ckpt_dir.resolve()))
@@ -398,11 +439,15 @@ def training_function(args):
                                      loss=final_loss, elapsed_s=time.time() - t0, checkpoint_tag=tag)
                     metrics.close()
                     print0(f"stopped at step {step} on SIGTERM; checkpoint {tag} (resume continues from it)")
+                    if replicas is not None:
+                        replicas.wait(REPLICA_WAIT_S)
                     exit_now(143)
         elapsed = time.time() - t0
 
-        tag = save(step)
+        tag = save(step, final=True)
         export(engine, tokenizer, export_dir, s["zero_stage"], rank)
+        if replicas is not None:
+            replicas.wait(REPLICA_WAIT_S)
         dist.barrier()
     except Exception as e:
         metrics.write("error", error=f"{type(e).__name__}: {e}")
@@ -435,6 +480,44 @@ def export(engine, tokenizer, export_dir, zero_stage, rank):
     extra = {"safe_serialization": True} if "safe_serialization" in inspect.signature(module.save_pretrained).parameters else {}
     module.save_pretrained(str(export_dir), state_dict=state_dict, **extra)  # transformers 5 always writes safetensors
     tokenizer.save_pretrained(str(export_dir))
+
+
+REPLICA_WAIT_S = 300  # at the end (or a stop) the last checkpoint's copy to the next host may take this long
+
+
+class Replicas:
+    """Sends each complete tag's files of this host to the next host, in the background (dsfleet_node.py
+    replicate); at most one copy at a time: a tag due while the last copy still runs is skipped (the next one
+    supersedes it)."""
+
+    def __init__(self, path, rank):
+        self.argv, self.proc, self.tag = None, None, None
+        if path:
+            entries = json.loads(Path(path).read_text())
+            mine = [e for e in entries if rank in e["ranks"]]
+            self.argv = mine[0]["argv"] if mine and mine[0].get("argv") else None
+
+    def send(self, tag, final=False):
+        import subprocess
+        if self.argv is None:
+            return
+        if final:  # the last tag of this process is always copied
+            self.wait(REPLICA_WAIT_S)
+        if self.proc is not None and self.proc.poll() is None:
+            print(f"dsfleet-train: the copy of {self.tag} to the next host still runs; {tag} is not copied",
+                  file=sys.stderr, flush=True)
+            return
+        self.proc, self.tag = subprocess.Popen(self.argv + ["--tag", tag], stdin=subprocess.DEVNULL), tag
+
+    def wait(self, timeout):
+        import subprocess
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            print(f"dsfleet-train: the copy of {self.tag} to the next host took over {timeout}s; left it",
+                  file=sys.stderr, flush=True)
 
 
 def exit_now(code):

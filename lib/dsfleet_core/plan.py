@@ -22,6 +22,7 @@ A host record (built per host by roles/plan from facts) looks like::
 from __future__ import annotations
 
 import ipaddress
+import json
 
 from . import PlanError
 from . import knobs as K
@@ -158,8 +159,12 @@ def _precision(k, accelerator, chosen):
     return k["precision"]
 
 
-def make_plan(hosts, knobs=None):
-    """Compute the one cluster plan from host records and the user's knobs (see module docstring)."""
+def make_plan(hosts, knobs=None, previous=None):
+    """Compute the one cluster plan from host records and the user's knobs (see module docstring).
+
+    ``previous``: on resume, the layout of the plan that last started ranks for that run (its ``layout``, kept
+    in runs/<id>/started.json): with another world the global batch is kept when it divides, and the plan
+    says that the checkpoint is converted to a universal one."""
     k = normalize_knobs(knobs)
     if k["resume"]:
         k["run_id"] = k["resume"]
@@ -292,6 +297,13 @@ def make_plan(hosts, knobs=None):
     common_env.update(k["extra_env"])
 
     world = rank
+    layout_hosts = [{"name": h["name"], "ranks": list(range(h["first_rank"], h["first_rank"] + h["slots"]))}
+                    for h in plan_hosts]
+    resume = None
+    if k["resume"]:
+        resume = _resume(k, previous, world, layout_hosts)
+        if resume["grad_accum"] != k["grad_accum"]:
+            k["grad_accum"] = resume["grad_accum"]
     batch = {"micro": k["micro_batch"], "grad_accum": k["grad_accum"],
              "global": k["micro_batch"] * k["grad_accum"] * world}
     plan = {
@@ -324,6 +336,9 @@ def make_plan(hosts, knobs=None):
                   "startup_timeout": k["startup_timeout"], "stop_grace": k["stop_grace"],
                   "checkpoint_grace": k["checkpoint_grace"], "follow": k["follow"]},
         "dry_run": k["dry_run"],
+        "layout": {"world_size": world, "global_batch": batch["global"], "zero_stage": k["zero_stage"],
+                   "hosts": layout_hosts},
+        "resume": resume,
         "knobs": dict(k),  # what the plan was computed from; a resumed run starts from these
         "warnings": warnings,
     }
@@ -331,6 +346,23 @@ def make_plan(hosts, knobs=None):
     return add_processes(plan, members)
 
 
+
+
+def _resume(k, previous, world, layout_hosts):
+    """What resuming means for this plan: the same layout (exact continuation) or another world (a universal
+    checkpoint; the global batch kept through gradient accumulation when it divides)."""
+    prev = previous if isinstance(previous, dict) and previous.get("world_size") else None
+    same = prev is not None and prev["world_size"] == world and prev.get("hosts") == layout_hosts
+    grad_accum, note = k["grad_accum"], ""
+    if prev is not None and not same and prev.get("global_batch"):
+        per_step = k["micro_batch"] * world
+        if prev["global_batch"] % per_step == 0:
+            grad_accum = prev["global_batch"] // per_step
+            note = "global batch %d kept (gradient accumulation %d)" % (prev["global_batch"], grad_accum)
+        else:
+            note = ("global batch %d does not divide into %d ranks x micro batch %d: it becomes %d"
+                    % (prev["global_batch"], world, k["micro_batch"], per_step * grad_accum))
+    return {"run": k["resume"], "previous": prev, "same_layout": same, "grad_accum": grad_accum, "note": note}
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -402,6 +434,7 @@ def host_paths(home, venv, run_id):
         "train": home + "/code/train/train.py", "run_dir": run_dir, "out": run_dir + "/out",
         "log": run_dir + "/node.log", "metrics": run_dir + "/out/metrics.jsonl",
         "hostfile": run_dir + "/hostfile", "ds_config": run_dir + "/ds_config.json",
+        "replicas": run_dir + "/replicas.json",
     }
 
 
@@ -418,6 +451,8 @@ def train_args(plan, paths):
         args += ["--epochs", str(t["epochs"])]
     if t["resume"]:
         args += ["--resume"]
+    if plan["nodes"] > 1:
+        args += ["--replicas", paths["replicas"]]
     return args
 
 
@@ -493,10 +528,33 @@ def add_processes(plan, records):
             # SIGTERM: every rank writes a checkpoint at its next step, then exits (train.py)
             "stop_checkpoint": {"argv": _node(paths, "stop", "--grace", str(watch["checkpoint_grace"]))},
             "checkpoints": {"argv": _node(paths, "checkpoints")},
+            # the resume gather (dsfleet_core.run.resume_source adds what and where)
+            "pack": {"argv": _node(paths, "pack")},
+            "receive": {"argv": _node(paths, "receive")},
+            "universal": {"argv": _node(paths, "universal")} if is_master else None,
             "ps": {"argv": _node(paths, "ps")},
             "port_check": {"argv": [paths["python"], paths["node"], "port-free", "--port",
                                     str(plan["master"]["port"])]} if is_master else None,
         }
     master = plan["hosts"][0]
     plan["deepspeed_env"] = _process_env(plan, master, master["paths"], common=True)
+    plan["replicas"] = replicas(plan)
     return plan
+
+
+def replicas(plan):
+    """After each checkpoint a host copies its shards to the next host of the plan (a ring): a dead host's shards
+    live on. [{ranks, argv}] for train.py --replicas (argv + --tag TAG); empty on one host."""
+    hosts = plan["hosts"]
+    if len(hosts) < 2:
+        return []
+    entries = []
+    for i, host in enumerate(hosts):
+        nxt = hosts[(i + 1) % len(hosts)]
+        entries.append({
+            "ranks": list(range(host["first_rank"], host["first_rank"] + host["slots"])),
+            "to": nxt["name"],
+            "argv": _node(host["paths"], "replicate", "--from", host["name"], "--to", str(nxt["address"]),
+                          "--keep", str(plan["training"]["keep_checkpoints"]),
+                          "--remote", json.dumps(nxt["commands"]["receive"]["argv"]))})
+    return entries

@@ -27,6 +27,21 @@ def plan_table(plan):
                                            plan["world_size"], plan["nodes"], plan["master"]["address"],
                                            plan["master"]["port"], plan["master"]["name"], plan["launcher"],
                                            plan["zero"]["stage"]))
+    resume = plan.get("resume")
+    if resume:
+        prev = resume.get("previous")
+        if prev is None:
+            lines.append("resume: run %s (no record of the layout that wrote its checkpoints; the hosts' markers "
+                         "decide: exact, or a universal checkpoint)" % resume["run"])
+        elif resume["same_layout"]:
+            lines.append("resume: run %s on the same layout (%d rank(s)): exact continuation from each host's own "
+                         "shards" % (resume["run"], prev["world_size"]))
+        else:
+            lines.append("resume: run %s was written by %d rank(s) on %s; now %d rank(s): its shards are gathered on "
+                         "%s and converted to a universal checkpoint (ds_to_universal)%s"
+                         % (resume["run"], prev["world_size"], ", ".join(h["name"] for h in prev["hosts"]),
+                            plan["world_size"], plan["master"]["name"],
+                            "; " + resume["note"] if resume["note"] else ""))
     lines += ["warning: " + w for w in plan["warnings"]]
     return lines
 
@@ -213,6 +228,81 @@ def common_checkpoint(checkpoints):
     lists = [set(v or []) for v in checkpoints.values()]
     common = set.intersection(*lists) if lists else set()
     return max(common) if common else None
+
+
+def resume_source(listings, plan):
+    """Where a resume continues from, given what each host of the new plan holds ({host: `dsfleet_node.py
+    checkpoints` output}): the newest step that is
+
+    - exact: every host has its own complete tag written by this very layout (same world, same ranks here, same
+      ZeRO stage) -- the ranks load their own shards, bit-exact;
+    - universal: every host already has <tag>_universal (converted at an earlier resume);
+    - convertible: the hosts' own tags and the replicas they keep for their ring neighbours hold every rank of
+      one world -- the new master gathers them, converts them (ds_to_universal) and ships the result.
+
+    At the same step exact wins, then universal. Returns {"step", "mode": exact|universal|convert|none, "argv" (the
+    master's `dsfleet_node.py universal` command for convert, else None), "text"}."""
+    names = [h["name"] for h in plan["hosts"]]
+    ranks_of = {h["name"]: h["ranks"] for h in plan["layout"]["hosts"]}
+    world, stage = plan["world_size"], plan["zero"]["stage"]
+    found = {n: listings.get(n) or {} for n in names}
+
+    def own(name):
+        return {int(k): v for k, v in (found[name].get("layouts") or {}).items()}
+
+    def exact_ok(name, marker):
+        if "world_size" not in marker:
+            return True  # a marker from an older dsfleet: trust it, as train.py does
+        return (marker["world_size"] == world and sorted(marker.get("ranks") or []) == ranks_of[name]
+                and marker.get("zero_stage", stage) == stage)
+
+    exact = set.intersection(*[{s for s, m in own(n).items() if exact_ok(n, m)} for n in names])
+    universal = set.intersection(*[set(found[n].get("universal") or []) for n in names])
+    holders = {}  # step -> {rank: [(host, holder or None, marker)]}
+    for n in names:
+        copies = [(None, own(n))] + [(h, {int(k): v for k, v in tags.items()})
+                                     for h, tags in (found[n].get("replicas") or {}).items()]
+        for holder, tags in copies:
+            for step, marker in tags.items():
+                for r in marker.get("ranks") or []:
+                    holders.setdefault(step, {}).setdefault(r, []).append((n, holder, marker))
+    convertible = {}
+    for step, by_rank in holders.items():
+        worlds = {m.get("world_size") for copies in by_rank.values() for _, _, m in copies}
+        if len(worlds) == 1 and None not in worlds and sorted(by_rank) == list(range(worlds.pop())):
+            convertible[step] = by_rank
+    best = max(exact | universal | set(convertible), default=None)
+    master = plan["hosts"][0]
+    if best is None:
+        held = "; ".join("%s: %s" % (n, ", ".join(str(s) for s in sorted(own(n))) or "none") for n in names)
+        return {"step": None, "mode": "none", "argv": None,
+                "text": "no checkpoint that these hosts can resume from (complete checkpoints: %s)" % held}
+    if best in exact:
+        return {"step": best, "mode": "exact", "argv": None,
+                "text": "resuming from step %d, complete on every host (the same layout: exact)" % best}
+    if best in universal:
+        return {"step": best, "mode": "universal", "argv": None,
+                "text": "resuming from step %d, from its universal checkpoint on every host" % best}
+    by_rank = convertible[best]
+    picks = {}
+    for r, copies in sorted(by_rank.items()):
+        host, holder, marker = sorted(copies, key=lambda c: (c[0] != master["name"], c[1] is not None, c[0]))[0]
+        picks.setdefault((host, holder), {"ranks": [], "world_size": marker["world_size"]})["ranks"].append(r)
+    hosts = {h["name"]: h for h in plan["hosts"]}
+    sources = [{"name": host, "holder": holder, "address": str(hosts[host]["address"]),
+                "local": host == master["name"], "ranks": v["ranks"], "world_size": v["world_size"],
+                "pack": hosts[host]["commands"]["pack"]["argv"]} for (host, holder), v in sorted(
+                    picks.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))]
+    targets = [{"name": h["name"], "address": str(h["address"]), "receive": h["commands"]["receive"]["argv"]}
+               for h in plan["hosts"][1:]]
+    old_world = sources[0]["world_size"]
+    argv = master["commands"]["universal"]["argv"] + ["--step", str(best), "--sources", json.dumps(sources),
+                                                    "--targets", json.dumps(targets)]
+    where = ", ".join("%s%s: ranks %s" % (s["name"], " (replica of %s)" % s["holder"] if s["holder"] else "",
+                                          ",".join(map(str, s["ranks"]))) for s in sources)
+    return {"step": best, "mode": "convert", "argv": argv,
+            "text": "resuming from step %d, written by %d rank(s), now %d: gathering on %s (%s), converting to a "
+                    "universal checkpoint" % (best, old_world, world, master["name"], where)}
 
 
 def stop_report(plan, stops, checkpoints):

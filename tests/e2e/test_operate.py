@@ -68,3 +68,36 @@ def test_detach_status_stop_and_resume_exactly(train_python):
     assert sorted(after) == list(range(halt["step"] + 1, 2001))
     worst = max(abs(after[s] - reference[s]) / abs(reference[s]) for s in after)
     assert worst < 1e-3, worst
+
+
+def test_resume_on_another_world_size_goes_through_a_universal_checkpoint(train_python):
+    """2 ranks write step 8; resuming on 1 rank gathers the shards, converts them with DeepSpeed's ds_to_universal
+    and continues from step 8 at the same global batch (the loss goes on from where it was, not from the first
+    loss); a further resume on that 1 rank is exact again."""
+    run_id = "world-" + uuid.uuid4().hex[:6]
+    knobs = dict(KNOBS, max_steps=8, save_every=4, cpu_ranks=2, micro_batch=2)
+    first = run_playbook("launch.yml", dict(knobs, run_id=run_id))
+    assert first.rc == 0, first.stdout[-4000:]
+    before, _ = _steps(run_id)
+    assert json.loads((RUNS / run_id / "started.json").read_text())["world_size"] == 2
+
+    resumed = run_playbook("launch.yml", {"resume": run_id, "max_steps": 12, "cpu_ranks": 1})
+    assert resumed.rc == 0, resumed.stdout[-4000:]
+    assert "resume: run %s was written by 2 rank(s) on localhost; now 1 rank(s)" % run_id in resumed.stdout
+    assert "global batch 4 kept (gradient accumulation 2)" in resumed.stdout
+    assert "resuming from step 8, written by 2 rank(s), now 1: gathering on localhost" in resumed.stdout
+    after, events = _steps(run_id)
+    start = [e for e in events if e["event"] == "start"][-1]
+    assert (start["world_size"], start["start_step"], start["grad_accum"]) == (1, 8, 2)
+    assert sorted(after) == list(range(1, 13))
+    # the loss at step 9 follows step 8's, far below where training started
+    assert abs(after[9] - before[8]) < 0.25 * abs(before[1] - before[8]) + 0.05, (before, after)
+    plan = json.loads((RUNS / run_id / "plan.json").read_text())
+    ckpt = plan["hosts"][0]["paths"]["out"] + "/checkpoint"
+    listing = json.loads(subprocess.run(plan["hosts"][0]["commands"]["checkpoints"]["argv"], capture_output=True,
+                                        text=True, check=True).stdout)
+    assert listing["universal"] == [8] and listing["layouts"]["12"]["world_size"] == 1, (ckpt, listing)
+
+    again = run_playbook("launch.yml", {"resume": run_id, "max_steps": 14, "cpu_ranks": 1})
+    assert again.rc == 0, again.stdout[-4000:]
+    assert "exact continuation" in again.stdout and "resuming from step 12, complete on every host" in again.stdout

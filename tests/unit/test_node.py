@@ -1,14 +1,18 @@
 """The per-host supervisor (roles/launch/files/dsfleet_node.py, stdlib only) with real processes: it outlives the
 caller, reports progress, and stops a run whose ranks stall or never start, saying why."""
+import io
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import tarfile
 import textwrap
 import time
 
 import pytest
+
+import dsfleet_ckpt as K
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 NODE = ROOT / "roles" / "launch" / "files" / "dsfleet_node.py"
@@ -110,6 +114,51 @@ def test_checkpoints_and_device_readings(run_dir):
         tag.mkdir(parents=True)
         if complete:
             (tag / ".dsfleet-complete").write_text("x")
-    assert node("checkpoints", "--run-dir", run_dir) == {"complete": [10, 20]}
+    found = node("checkpoints", "--run-dir", run_dir)
+    assert found["complete"] == [10, 20] and found["universal"] == [] and found["replicas"] == {}
     st = node("status", "--run-dir", run_dir, "--devices", "cpu")
     assert st["state"] == "missing" and st["devices"][0]["memory_total_mib"] > 0
+
+
+def test_a_tag_travels_by_pack_and_receive_whole_or_not_at_all(run_dir, tmp_path):
+    """The gather's two ends with real pipes (ssh carries the same stream between hosts): pack sends the files of
+    the ranks asked for plus the shared ones; receive unpacks into a folder that appears only when complete, and
+    keeps the newest K replicas."""
+    tag = run_dir / "out" / "checkpoint" / "global_step7"
+    tag.mkdir(parents=True)
+    for name in ("mp_rank_00_model_states.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                 "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        (tag / name).write_bytes(name.encode() * 100)
+    (tag / ".dsfleet-complete").write_text(json.dumps({"tag": "global_step7", "world_size": 2, "ranks": [0, 1]}))
+    other = tmp_path / "other"
+    packed = subprocess.run([sys.executable, str(NODE), "pack", "--run-dir", str(run_dir), "--step", "7",
+                             "--ranks", "1"], capture_output=True, check=True).stdout
+    # what replicate streams: the tag's files, the marker last
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / ".dsfleet-complete").write_text(json.dumps({"tag": "x", "world_size": 2, "ranks": [1]}))
+    with tarfile.open(fileobj=io.BytesIO(packed), mode="r|") as tar:
+        tar.extractall(source / "x", filter="data")
+    names = [p.name for p in (source / "x" / "pack").iterdir()]
+    for name in names:
+        (source / "x" / "pack" / name).rename(source / name)
+    stream = io.BytesIO()
+    K.write_tar(stream, str(source), sorted(names) + [".dsfleet-complete"], "t")
+    for step in (3, 5, 7):
+        got = subprocess.run([sys.executable, str(NODE), "receive", "--run-dir", str(other), "--dest",
+                              "checkpoint-replicas/h1", "--name", "global_step%d" % step, "--keep", "2"],
+                             input=stream.getvalue(), capture_output=True)
+        assert got.returncode == 0, got.stderr
+    held = other / "out" / "checkpoint-replicas" / "h1"
+    assert sorted(p.name for p in held.iterdir()) == ["global_step5", "global_step7"]
+    assert sorted(p.name for p in (held / "global_step7").iterdir()) == [
+        ".dsfleet-complete", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt"]
+    assert node("checkpoints", "--run-dir", other)["replicas"] == {"h1": {"5": {"tag": "x", "world_size": 2, "ranks": [1]},
+                                                                         "7": {"tag": "x", "world_size": 2, "ranks": [1]}}}
+    # a stream cut short leaves no folder that looks complete, and a path out of the run is refused
+    cut = subprocess.run([sys.executable, str(NODE), "receive", "--run-dir", str(other), "--dest", "checkpoint",
+                          "--name", "global_step9"], input=packed[:len(packed) // 2], capture_output=True)
+    assert cut.returncode != 0 and not (other / "out" / "checkpoint" / "global_step9").exists()
+    bad = subprocess.run([sys.executable, str(NODE), "receive", "--run-dir", str(other), "--dest", "../../etc",
+                          "--name", "x"], input=packed, capture_output=True, text=False)
+    assert bad.returncode == 2 and b"refusing destination" in bad.stderr

@@ -1,4 +1,5 @@
 """The cluster planner on tables of clusters: which hosts, slots, vendor, backend, precision, master, ifnames."""
+import json
 
 import pytest
 
@@ -390,3 +391,100 @@ def test_status_json_takes_the_last_json_line():
     assert R.status_json('motd line\n{"state": "running", "dsfleet_status": 1}\n') == {"state": "running",
                                                                                       "dsfleet_status": 1}
     assert R.status_json("") is None and R.status_json("not json\n{broken") is None
+
+
+# --- resume on another world: replicas, the gather, the universal checkpoint -----------------------------------
+
+def _three(**knobs):
+    return P.make_plan([host("a", 11, [A100(0), A100(1)]), host("b", 12, [A100(0), A100(1)]),
+                        host("c", 13, [A100(0), A100(1)])], dict({"max_steps": 10, "run_id": "r"}, **knobs))
+
+
+def _marker(step, world, ranks, stage=2):
+    return {"tag": "global_step%d" % step, "step": step, "world_size": world, "ranks": ranks, "zero_stage": stage}
+
+
+def test_each_host_replicates_its_shards_to_the_next_host_in_a_ring():
+    plan = _three()
+    ring = [(e["ranks"], e["to"]) for e in plan["replicas"]]
+    assert ring == [([0, 1], "b"), ([2, 3], "c"), ([4, 5], "a")]
+    argv = plan["replicas"][1]["argv"]
+    assert argv[2] == "replicate" and argv[argv.index("--from") + 1] == "b" and argv[argv.index("--to") + 1] == "10.1.0.13"
+    assert json.loads(argv[argv.index("--remote") + 1]) == plan["hosts"][2]["commands"]["receive"]["argv"]
+    train = plan["hosts"][0]["process"]["argv"]
+    assert train[train.index("--replicas") + 1] == plan["hosts"][0]["paths"]["replicas"]
+    single = P.make_plan([host("a", 11, [A100(0)])], {"run_id": "r"})
+    assert single["replicas"] == [] and "--replicas" not in single["hosts"][0]["process"]["argv"]
+
+
+def test_resume_source_exact_when_every_host_holds_its_own_shards_of_this_layout():
+    plan = _three(resume="r")
+    listings = {n: {"layouts": {"10": _marker(10, 6, r), "20": _marker(20, 6, r)}, "universal": [], "replicas": {}}
+                for n, r in (("a", [0, 1]), ("b", [2, 3]), ("c", [4, 5]))}
+    found = R.resume_source(listings, plan)
+    assert (found["step"], found["mode"], found["argv"]) == (20, "exact", None)
+    # step 20 missing on c: the newest step complete everywhere is 10
+    del listings["c"]["layouts"]["20"]
+    assert R.resume_source(listings, plan)["step"] == 10
+
+
+def test_resume_source_gathers_a_dead_hosts_shards_from_its_replica():
+    # written by a, b, c (2 ranks each); c is gone; b kept c's copy? no: c copied to a (the ring c -> a)
+    plan = P.make_plan([host("a", 11, [A100(0), A100(1)]), host("b", 12, [A100(0), A100(1)])],
+                       {"max_steps": 10, "run_id": "r", "resume": "r"})
+    listings = {
+        "a": {"layouts": {"30": _marker(30, 6, [0, 1])}, "universal": [],
+              "replicas": {"c": {"30": _marker(30, 6, [4, 5])}}},
+        "b": {"layouts": {"30": _marker(30, 6, [2, 3])}, "universal": [],
+              "replicas": {"a": {"30": _marker(30, 6, [0, 1])}}},
+    }
+    found = R.resume_source(listings, plan)
+    assert found["mode"] == "convert" and found["step"] == 30
+    argv = found["argv"]
+    assert argv[:3] == plan["hosts"][0]["commands"]["universal"]["argv"][:3] and argv[argv.index("--step") + 1] == "30"
+    sources = json.loads(argv[argv.index("--sources") + 1])
+    # the master's own files and the replica it holds travel nowhere; b sends only its own ranks
+    assert [(s["name"], s["holder"], s["ranks"], s["local"]) for s in sources] == [
+        ("a", None, [0, 1], True), ("a", "c", [4, 5], True), ("b", None, [2, 3], False)]
+    assert sources[2]["pack"] == plan["hosts"][1]["commands"]["pack"]["argv"]
+    targets = json.loads(argv[argv.index("--targets") + 1])
+    assert [t["name"] for t in targets] == ["b"] and targets[0]["address"] == "10.1.0.12"
+    assert "written by 6 rank(s), now 4" in found["text"]
+    # without c's replica ranks 4 and 5 are gone: nothing to resume from, and the message lists what is there
+    del listings["a"]["replicas"]["c"]
+    gone = R.resume_source(listings, plan)
+    assert gone["mode"] == "none" and "a: 30" in gone["text"]
+
+
+def test_resume_source_prefers_an_existing_universal_checkpoint_and_exact_at_the_same_step():
+    plan = _two_host_plan(resume="r")
+    listings = {"a": {"layouts": {"5": _marker(5, 2, [0])}, "universal": [8]},
+                "b": {"layouts": {"5": _marker(5, 2, [1])}, "universal": [8]}}
+    assert R.resume_source(listings, plan)["mode"] == "universal"
+    listings["a"]["layouts"]["8"] = _marker(8, 2, [0])
+    listings["b"]["layouts"]["8"] = _marker(8, 2, [1])
+    assert R.resume_source(listings, plan)["mode"] == "exact"
+    # the same world size on other ranks (hosts swapped) is not exact
+    listings = {"a": {"layouts": {"8": _marker(8, 2, [1])}}, "b": {"layouts": {"8": _marker(8, 2, [0])}}}
+    assert R.resume_source(listings, plan)["mode"] == "convert"
+    # an older dsfleet's marker has no layout: trusted as exact, as train.py does
+    assert R.resume_source({"a": {"layouts": {"3": {"tag": "global_step3"}}},
+                            "b": {"layouts": {"3": {"tag": "global_step3"}}}}, plan)["mode"] == "exact"
+
+
+def test_resume_on_another_world_keeps_the_global_batch_and_says_so():
+    before = _three(micro_batch=2, grad_accum=1)["layout"]
+    assert before["world_size"] == 6 and before["global_batch"] == 12
+    plan = P.make_plan([host("a", 11, [A100(0)]), host("b", 12, [A100(0)])],
+                       {"run_id": "r", "resume": "r", "micro_batch": 2, "grad_accum": 1}, before)
+    assert plan["batch"] == {"micro": 2, "grad_accum": 3, "global": 12}
+    assert plan["ds_config"]["gradient_accumulation_steps"] == 3 and plan["ds_config"]["train_batch_size"] == 12
+    assert plan["resume"]["same_layout"] is False
+    line = [ln for ln in R.plan_table(plan) if ln.startswith("resume:")][0]
+    assert "written by 6 rank(s) on a, b, c; now 2 rank(s)" in line and "global batch 12 kept" in line
+    same = P.make_plan([host("a", 11, [A100(0)]), host("b", 12, [A100(0)])],
+                       {"run_id": "r", "resume": "r"}, _two_host_plan()["layout"])
+    assert same["resume"]["same_layout"] and "exact continuation" in " ".join(R.plan_table(same))
+    odd = P.make_plan([host("a", 11, [A100(0)]), host("b", 12, [A100(0)])],
+                      {"run_id": "r", "resume": "r", "micro_batch": 4}, before)
+    assert odd["batch"]["global"] == 8 and "does not divide" in odd["resume"]["note"]

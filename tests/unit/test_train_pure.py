@@ -217,3 +217,23 @@ def test_checkpoint_bookkeeping_counts_only_complete_tags_and_keeps_the_newest(t
     assert sorted(p.name for p in ckpt.iterdir()) == ["global_step20", "global_step30", "global_step40", "latest"]
     assert K.prune(ckpt, 0) == [] and K.prune(ckpt, 5) == []
     assert K.complete_steps(tmp_path / "nothing") == []
+
+
+def test_markers_record_the_layout_and_decide_what_a_rank_can_load(tmp_path):
+    ckpt = tmp_path / "checkpoint"
+    for step, world, ranks in ((10, 4, [0, 1]), (20, 2, [0]), (30, 4, [2, 3])):
+        (ckpt / K.tag_for(step)).mkdir(parents=True)
+        K.mark_complete(ckpt, K.tag_for(step), {"world_size": world, "ranks": ranks, "zero_stage": 2})
+    (ckpt / K.universal_tag_for(20)).mkdir()
+    K.mark_complete(ckpt, K.universal_tag_for(20), {"universal": True})
+    layouts = K.complete_layouts(ckpt)
+    assert list(layouts) == [10, 20, 30] and layouts[20]["world_size"] == 2
+    assert K.usable_steps(layouts, 1, 4, 2) == [10]            # 30 holds ranks 2, 3; 20 another world
+    assert K.usable_steps(layouts, 0, 2, 2) == [20] and K.usable_steps(layouts, 0, 2, 3) == []
+    assert K.universal_steps(ckpt) == [20]
+    assert K.newest_at_most([10, 20, 30], 25) == 20 and K.newest_at_most([10], 5) == -1
+    assert K.rank_of_file("bf16_zero_pp_rank_12_mp_rank_00_optim_states.pt") == 12
+    assert K.rank_of_file("zero_pp_rank_3_mp_rank_00_model_states.pt") == 3
+    assert K.rank_of_file("mp_rank_00_model_states.pt") is None
+    # the universal conversion of a pruned step goes with it
+    assert K.prune(ckpt, 1) == ["global_step10", "global_step20", "global_step20_universal"]

@@ -8,7 +8,17 @@
                                     JSON: state running|exited|missing, rc, reason, progress, ranks alive, log tail
     dsfleet_node.py stop   --run-dir D [--grace S]      SIGTERM the process group and every process naming D, then KILL
     dsfleet_node.py ps     --run-dir D                  JSON: PIDs of processes whose command line names D
-    dsfleet_node.py checkpoints --run-dir D             JSON: steps of the checkpoints complete on this host
+    dsfleet_node.py checkpoints --run-dir D             JSON: the checkpoints this host holds (own, replicas, universal)
+    dsfleet_node.py replicate --run-dir D --tag T --from NAME --to ADDR --remote JSON [--keep K]
+                                    copy this host's files of tag T to ADDR (over the ssh mesh), which keeps them as
+                                    the replica of NAME (REMOTE: its `dsfleet_node.py receive` argv)
+    dsfleet_node.py receive --run-dir D --dest REL --name N [--keep K]
+                                    unpack a tar from stdin into D/out/REL/N atomically; keep the newest K there
+    dsfleet_node.py pack --run-dir D --step S [--holder H] --ranks 0,1
+                                    tar to stdout: the files of ranks R in tag S (own, or the replica of H)
+    dsfleet_node.py universal --run-dir D --step S --sources JSON --targets JSON
+                                    on the new master: gather one copy of every rank's files of tag S, convert
+                                    them with ds_to_universal into <tag>_universal and send that to every target
     dsfleet_node.py port-free --port P                  exit 0 if TCP port P can be bound here, else 1
 
 The run directory's path is the run's marker: every rank's command line contains it (its --output_dir), so `stop`
@@ -23,10 +33,28 @@ ranks on the other hosts stop too, and records why in D/node.reason.
 import argparse
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+
+
+class _Ckpt:
+    """The checkpoint bookkeeping shared with the training module: shipped beside this file (code/train/), or in
+    the repository's train/ when run from the source tree. Imported on first use (start/status never need it)."""
+
+    def __getattr__(self, name):
+        here = os.path.dirname(os.path.abspath(__file__))
+        for folder in (os.path.join(here, "train"), os.path.join(here, "..", "..", "..", "train")):
+            if os.path.isfile(os.path.join(folder, "dsfleet_ckpt.py")) and folder not in sys.path:
+                sys.path.insert(0, folder)
+        import dsfleet_ckpt
+        return getattr(dsfleet_ckpt, name)
+
+
+ckpt = _Ckpt()
 
 STATE = "node.json"
 RC = "node.rc"
@@ -401,15 +429,128 @@ def cmd_stop(args):
 
 
 def cmd_checkpoints(args):
-    """Steps of the checkpoints complete on this host (train/dsfleet_ckpt.py writes the markers)."""
-    folder = os.path.join(os.path.abspath(args.run_dir), "out", "checkpoint")
-    steps = []
-    if os.path.isdir(folder):
-        for name in os.listdir(folder):
-            if name.startswith("global_step") and name[11:].isdigit() and \
-                    os.path.isfile(os.path.join(folder, name, ".dsfleet-complete")):
-                steps.append(int(name[11:]))
-    print(json.dumps({"complete": sorted(steps)}))
+    """What this host holds for a resume (train/dsfleet_ckpt.py writes the markers)."""
+    print(json.dumps(ckpt.listing(os.path.join(os.path.abspath(args.run_dir), "out"))))
+    return 0
+
+
+SSH = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "-o", "ServerAliveInterval=15"]
+
+
+def _say(message):
+    print("dsfleet_node: " + message, file=sys.stderr, flush=True)
+
+
+def _send(folder, names, arcdir, address, remote_argv):
+    """Stream ``names`` of ``folder`` to ``remote_argv`` run on ``address`` over ssh; True when it took them."""
+    proc = subprocess.Popen(SSH + [address, shlex.join(remote_argv)], stdin=subprocess.PIPE)
+    try:
+        ckpt.write_tar(proc.stdin, folder, names, arcdir)
+    except (OSError, ValueError) as exc:
+        _say("sending %s to %s failed: %s" % (arcdir, address, exc))
+    finally:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+    return proc.wait() == 0
+
+
+def _tag_names(folder):
+    # the marker last: the receiver's folder is renamed complete only after the whole stream, so order is safety
+    names = sorted(n for n in os.listdir(folder) if n != ckpt.MARKER)
+    return names + ([ckpt.MARKER] if os.path.exists(os.path.join(folder, ckpt.MARKER)) else [])
+
+
+def cmd_replicate(args):
+    """The copy of this host's shards of one tag on the next host: they survive this host's disk."""
+    folder = os.path.join(os.path.abspath(args.run_dir), "out", "checkpoint", args.tag)
+    if ckpt.read_marker(folder) is None:
+        _say("replicate: %s is not a complete checkpoint" % folder)
+        return 2
+    start = time.time()
+    remote = json.loads(args.remote) + ["--dest", "%s/%s" % (ckpt.REPLICAS, args.source), "--name", args.tag,
+                                        "--keep", str(args.keep)]
+    ok = _send(folder, _tag_names(folder), args.tag, args.to, remote)
+    _say("replicate: %s of %s to %s %s in %.1fs" % (args.tag, args.source, args.to, "done" if ok else "FAILED",
+                                                   time.time() - start))
+    return 0 if ok else 1
+
+
+def cmd_receive(args):
+    dest = os.path.join(os.path.abspath(args.run_dir), "out", args.dest)
+    if os.path.isabs(args.dest) or ".." in args.dest.split("/") or "/" in args.name or args.name in ("", ".", ".."):
+        _say("receive: refusing destination %s/%s" % (args.dest, args.name))
+        return 2
+    ckpt.read_tar(sys.stdin.buffer, dest, args.name)
+    if args.keep:
+        ckpt.prune(dest, args.keep)
+    return 0
+
+
+def _pack_names(folder, ranks):
+    return [n for n in _tag_names(folder) if n != ckpt.MARKER and ckpt.rank_of_file(n) in ranks + [None]]
+
+
+def cmd_pack(args):
+    folder = str(ckpt.tag_dir(os.path.join(os.path.abspath(args.run_dir), "out"), args.step, args.holder))
+    ranks = [int(r) for r in args.ranks.split(",") if r != ""]
+    ckpt.write_tar(sys.stdout.buffer, folder, _pack_names(folder, ranks), "pack")
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_universal(args):
+    """Gather every rank's files of one tag here, convert them to a universal checkpoint, ship it to every target."""
+    out = os.path.join(os.path.abspath(args.run_dir), "out")
+    sources, targets = json.loads(args.sources), json.loads(args.targets)
+    ckpt_dir = os.path.join(out, "checkpoint")
+    gather = os.path.join(ckpt_dir, "%s_gather" % ckpt.tag_for(args.step))
+    utag = ckpt.universal_tag_for(args.step)
+    start = time.time()
+    shutil.rmtree(gather, ignore_errors=True)
+    os.makedirs(gather)
+    world = 0
+    for i, src in enumerate(sources):
+        world = max(world, int(src["world_size"]))
+        if src.get("local"):
+            folder = str(ckpt.tag_dir(out, args.step, src.get("holder")))
+            for name in _pack_names(folder, src["ranks"]):
+                shutil.copy2(os.path.join(folder, name), os.path.join(gather, name))
+            continue
+        pack = src["pack"] + ["--step", str(args.step), "--ranks", ",".join(map(str, src["ranks"]))] + (
+            ["--holder", src["holder"]] if src.get("holder") else [])
+        proc = subprocess.Popen(SSH + [src["address"], shlex.join(pack)], stdout=subprocess.PIPE)
+        part = ckpt.read_tar(proc.stdout, gather, "part%d" % i)
+        if proc.wait() != 0:
+            _say("universal: fetching ranks %s of %s from %s failed" % (src["ranks"], ckpt.tag_for(args.step),
+                                                                         src["name"]))
+            return 1
+        for name in os.listdir(part):
+            os.replace(os.path.join(part, name), os.path.join(gather, name))
+        os.rmdir(part)
+    have = sorted(set(r for r in (ckpt.rank_of_file(n) for n in os.listdir(gather)) if r is not None))
+    if have != list(range(world)):
+        _say("universal: gathered ranks %s of %d for %s; cannot convert" % (have, world, ckpt.tag_for(args.step)))
+        return 1
+    _say("universal: gathered %d ranks' files of %s in %.1fs; converting" % (world, ckpt.tag_for(args.step),
+                                                                            time.time() - start))
+    final = os.path.join(ckpt_dir, utag)
+    shutil.rmtree(final, ignore_errors=True)
+    conv = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", gather,
+                           "--output_folder", final], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if conv.returncode != 0:
+        _say("universal: ds_to_universal failed: %s" % conv.stdout[-2000:])
+        return 1
+    shutil.rmtree(gather, ignore_errors=True)
+    ckpt.mark_complete(ckpt_dir, utag, {"step": args.step, "universal": True, "from_world_size": world})
+    for target in targets:
+        remote = target["receive"] + ["--dest", "checkpoint", "--name", utag]
+        if not _send(final, _tag_names(final), utag, target["address"], remote):
+            _say("universal: sending %s to %s failed" % (utag, target["name"]))
+            return 1
+    print(json.dumps({"step": args.step, "tag": utag, "from_world_size": world, "sent_to": [t["name"] for t in targets],
+                      "seconds": round(time.time() - start, 1)}))
     return 0
 
 
@@ -460,6 +601,32 @@ def main(argv=None):
     p = sub.add_parser("checkpoints")
     p.add_argument("--run-dir", required=True)
     p.set_defaults(func=cmd_checkpoints)
+    p = sub.add_parser("replicate")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--tag", required=True)
+    p.add_argument("--from", dest="source", required=True, help="this host's name in the plan")
+    p.add_argument("--to", required=True, help="the next host's address (the ssh mesh knows it)")
+    p.add_argument("--remote", required=True, help="JSON argv of dsfleet_node.py receive there")
+    p.add_argument("--keep", type=int, default=0)
+    p.set_defaults(func=cmd_replicate)
+    p = sub.add_parser("receive")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--dest", required=True, help="folder under D/out")
+    p.add_argument("--name", required=True)
+    p.add_argument("--keep", type=int, default=0)
+    p.set_defaults(func=cmd_receive)
+    p = sub.add_parser("pack")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--holder", default=None)
+    p.add_argument("--ranks", required=True)
+    p.set_defaults(func=cmd_pack)
+    p = sub.add_parser("universal")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--sources", required=True)
+    p.add_argument("--targets", required=True)
+    p.set_defaults(func=cmd_universal)
     p = sub.add_parser("port-free")
     p.add_argument("--port", type=int, required=True)
     p.set_defaults(func=cmd_port_free)
