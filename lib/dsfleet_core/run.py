@@ -298,7 +298,7 @@ def resume_source(listings, plan):
     old_world = sources[0]["world_size"]
     argv = master["commands"]["universal"]["argv"] + ["--step", str(best), "--sources", json.dumps(sources),
                                                     "--targets", json.dumps(targets)]
-    where = ", ".join("%s%s: ranks %s" % (s["name"], " (replica of %s)" % s["holder"] if s["holder"] else "",
+    where = "; ".join("%s%s: ranks %s" % (s["name"], " (replica of %s)" % s["holder"] if s["holder"] else "",
                                           ",".join(map(str, s["ranks"]))) for s in sources)
     return {"step": best, "mode": "convert", "argv": argv,
             "text": "resuming from step %d, written by %d rank(s), now %d: gathering on %s (%s), converting to a "

@@ -246,16 +246,18 @@ def test_unreachable_host_fails_fast(cluster, tmp_path):
     assert "left out: h3" in dry.stdout
 
 
-def test_a_worker_host_dies_mid_run(cluster, tmp_path):
-    """Every process of h2 is killed mid-run (h3 is down since the test before): the ranks on h1 stop too, and the
-    play fails naming h2, well within a minute."""
-    killed = []
+def test_a_worker_host_dies_mid_run_and_the_run_resumes_on_the_host_left(cluster, tmp_path):
+    """Every process of h2 is killed mid-run (h3 is down since the test before), after h2 copied a checkpoint to
+    h1: the ranks on h1 stop too, and the play fails naming h2, well within a minute. Then resume with
+    require_all_hosts=false continues on h1 alone, from that checkpoint at world size 1 (h2's shards come from
+    the copy on h1, through a universal checkpoint), and the loss goes on from where it was."""
+    killed, killed_at = [], []
+    replicas = "rig-*/out/checkpoint-replicas/h2/global_step*/.dsfleet-complete"
 
-    def kill_host_when_training():
+    def kill_host_after_a_replica():
         deadline = time.time() + 400
         while time.time() < deadline:
-            progress = list((home(cluster, "h1") / ".dsfleet" / "runs").glob("rig-*/out/progress.json"))
-            if any('"step"' in p.read_text() for p in progress if p.stat().st_mtime > started):
+            if any(p.stat().st_mtime > started for p in (home(cluster, "h1") / ".dsfleet" / "runs").glob(replicas)):
                 for pid in rigmod.netns_pids(cluster.host("h2")["netns"]):
                     try:
                         os.kill(pid, signal.SIGKILL)
@@ -266,15 +268,37 @@ def test_a_worker_host_dies_mid_run(cluster, tmp_path):
                 return
             time.sleep(0.5)
 
-    started, killed_at = time.time(), []
-    killer = threading.Thread(target=kill_host_when_training, daemon=True)
+    started = time.time()
+    killer = threading.Thread(target=kill_host_after_a_replica, daemon=True)
     killer.start()
-    result, run_id, took = launch(cluster, tmp_path, max_steps=100000, exclude="h3")
+    result, run_id, took = launch(cluster, tmp_path, max_steps=100000, exclude="h3", save_every=10, log_every=1)
     killer.join(timeout=5)
-    assert killed, "never saw the run train"
+    assert killed, "never saw h2's checkpoint copied to h1"
     assert result.rc != 0
     failure = " ".join(result.failures)
     assert "training failed on h2: no status from host (unreachable" in failure, result.stdout[-5000:]
     assert time.time() - killed_at[0] < 90
     time.sleep(1)
     assert training_pids(cluster, "h1") == []
+
+    out = home(cluster, "h1") / ".dsfleet" / "runs" / run_id / "out"
+    own = {int(p.parent.name[11:]) for p in (out / "checkpoint").glob("global_step*/.dsfleet-complete")}
+    copied = {int(p.parent.name[11:]) for p in (out / "checkpoint-replicas" / "h2").glob("global_step*/.dsfleet-complete")}
+    step = max(own & copied)
+    losses = {m["step"]: m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if m["event"] == "step"}
+    resumed = run_playbook("launch.yml", dict(VARS, resume=run_id, require_all_hosts=False, max_steps=step + 5,
+                                              exclude=""),
+                           inventory=cluster.inventory, envvars={"ANSIBLE_SSH_CONTROL_PATH_DIR": str(tmp_path / "cp2")})
+    assert resumed.rc == 0, resumed.stdout[-5000:]
+    assert "left out: h2 — unreachable" in resumed.stdout
+    assert "resume: run %s was written by 2 rank(s) on h1, h2; now 1 rank(s)" % run_id in resumed.stdout
+    assert re.search(r"resuming from step %d, written by 2 rank\(s\), now 1: gathering on h1 \(h1: ranks 0; "
+                     r"h1 \(replica of h2\): ranks 1\)" % step, resumed.stdout), resumed.stdout[-5000:]
+    after = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    start = [m for m in after if m["event"] == "start"][-1]
+    assert (start["world_size"], start["start_step"]) == (1, step)
+    first_after = [m for m in after if m["event"] == "step" and m["step"] == step + 1][-1]["loss"]
+    assert abs(first_after - losses[step]) < 0.25 * abs(losses[1] - losses[step]) + 0.05, (losses, first_after)
+    summary = json.loads((RUNS / run_id / "summary.json").read_text())
+    assert summary["steps"] == step + 5 and [h["name"] for h in summary["hosts"]] == ["h1"]
