@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Follow a real run for a long time and record the controller's memory: the follow loop must stay flat.
 
-    .venv/bin/python bench/soak.py --minutes 30            # this machine, the tiny preset, 2 CPU ranks
+    .venv/bin/python bench/soak.py --minutes 32            # this machine, the tiny preset, 1 CPU rank
 
 Starts a detached run on the embedded default inventory (launch.yml -e follow=false, a step count it cannot
 finish), follows it with playbooks/follow.yml, samples the follower's RSS (the ansible-playbook process, by PID)
@@ -35,10 +35,13 @@ def main():
     parser.add_argument("--minutes", type=float, default=30)
     parser.add_argument("--every", type=float, default=30, help="seconds between samples")
     parser.add_argument("--poll-interval", type=int, default=5)
+    parser.add_argument("--ranks", type=int, default=1, help="CPU ranks (one thread each; 1 leaves a core free)")
     args = parser.parse_args()
     run_id = "soak-%s" % uuid.uuid4().hex[:6]
     subprocess.run([DSFLEET, "launch.yml", "-e", "run_id=" + run_id, "-e", "follow=false", "-e", "max_steps=100000000",
-                    "-e", "save_every_minutes=10", "-e", "poll_interval=%d" % args.poll_interval], check=True,
+                    "-e", "save_every_minutes=10", "-e", "poll_interval=%d" % args.poll_interval,
+                    "-e", "cpu_ranks=%d" % args.ranks, "-e", json.dumps({"extra_env": {"OMP_NUM_THREADS": "1"}})],
+                   check=True,
                    stdout=subprocess.DEVNULL)
     log = open(ROOT / "bench" / "results" / ("%s.log" % run_id), "w")
     follower = subprocess.Popen([DSFLEET, "playbooks/follow.yml", "-e", "run_id=" + run_id], stdout=log,
@@ -54,7 +57,7 @@ def main():
         subprocess.run([DSFLEET, "playbooks/stop.yml", "-e", "run_id=" + run_id], stdout=subprocess.DEVNULL)
         follower.wait(timeout=600)
     rss = [s["rss_kib"] for s in samples if s["rss_kib"]]
-    result = {"run_id": run_id, "minutes": args.minutes, "poll_interval_s": args.poll_interval,
+    result = {"run_id": run_id, "minutes": args.minutes, "poll_interval_s": args.poll_interval, "ranks": args.ranks,
               "polls": samples[-1]["polls"] if samples else 0, "rss_first_kib": rss[0] if rss else None,
               "rss_last_kib": rss[-1] if rss else None, "rss_max_kib": max(rss) if rss else None, "samples": samples}
     out = ROOT / "bench" / "results" / "soak.json"

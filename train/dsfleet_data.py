@@ -76,11 +76,19 @@ def _paragraphs(text):
     return [p.strip() for p in parts if p.strip()]
 
 
-def read_texts(kind, where, text_field="text"):
-    """Documents (non-empty strings) of a resolved dataset."""
+def read_texts(kind, where, text_field="text", head_bytes=None):
+    """Documents (non-empty strings) of a resolved dataset (``head_bytes``: of the first that many bytes of a
+    .txt/.jsonl file only, cut at a line end: the preflight's sample)."""
     if kind in ("text", "jsonl"):
         try:
-            raw = Path(where).read_text(encoding="utf-8")
+            if head_bytes:
+                with open(where, "rb") as f:
+                    data = f.read(head_bytes + 1)
+                if len(data) > head_bytes:
+                    data = data[:data.rfind(b"\n", 0, head_bytes) + 1] or data[:head_bytes]
+                raw = data.decode("utf-8")
+            else:
+                raw = Path(where).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             fail(f"cannot read dataset {where}: {e}", "Check the file's permissions; it must be UTF-8 text")
     if kind == "text":

@@ -228,14 +228,32 @@ def load_blocks(args, tokenizer):
 
 # -----------------------------------------------------------------------------
 
+PREFLIGHT_SAMPLE_BYTES = 1 << 20
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def preflight(args):
+    """What every host checks before anything starts, in well under a second and without torch or transformers:
+    the ds_config, the model directory (config.json, a tokenizer, block size within the model's positions) and
+    the dataset (it exists; the first MiB of a .txt/.jsonl file parses, with the text field). The full load and
+    tokenization happen once, in the ranks."""
     read_ds_config(args.deepspeed_config)
     kind, where = resolve_model(args.model)
-    config, tokenizer = load_config_and_tokenizer(kind, where)
-    check_block_size(config, args.block_size)
-    dataset, blocks = load_blocks(args, tokenizer)
-    print(json.dumps({"ok": True, "model": where, "dataset": dataset, "blocks": len(blocks),
-                      "vocab_size": getattr(config, "vocab_size", len(tokenizer))}), flush=True)
+    config = {}
+    if kind != "hub":
+        try:
+            config = json.loads((Path(where) / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            fail(f"cannot read {where}/config.json: {e}", "Point --model at a directory written by save_pretrained")
+        if not any((Path(where) / name).is_file() for name in TOKENIZER_FILES):
+            fail(f"model directory {where} has no tokenizer ({', '.join(TOKENIZER_FILES)})",
+                 "Save the tokenizer with the model (tokenizer.save_pretrained(DIR))")
+        check_block_size(argparse.Namespace(**{k: v for k, v in config.items() if k == "max_position_embeddings"}),
+                         args.block_size)
+    dkind, dwhere = resolve_dataset(args.dataset)
+    sample = read_texts(dkind, dwhere, args.text_field, PREFLIGHT_SAMPLE_BYTES) if dkind in ("text", "jsonl") else []
+    print(json.dumps({"ok": True, "model": where, "model_kind": kind, "dataset": dwhere, "dataset_kind": dkind,
+                      "sample_documents": len(sample), "vocab_size": config.get("vocab_size")}), flush=True)
 
 
 class Metrics:

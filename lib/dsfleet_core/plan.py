@@ -435,6 +435,7 @@ def host_paths(home, venv, run_id):
         "log": run_dir + "/node.log", "metrics": run_dir + "/out/metrics.jsonl",
         "hostfile": run_dir + "/hostfile", "ds_config": run_dir + "/ds_config.json",
         "replicas": run_dir + "/replicas.json",
+        "bundle": "%s/.bundle-%s.tar.gz" % (home, run_id),
     }
 
 
@@ -484,6 +485,16 @@ def _device_spec(plan, host):
     return "%s:%s" % (plan["accelerator"], ",".join(map(str, host["devices"])))
 
 
+# Staging is one command per host: unpack the bundle (code/, runs/<id>/) into the dsfleet home, then the
+# supervisor's `stage` verb checks the model, the data, the master port and the checkpoints in one go.
+UNPACK = ("import os, sys, subprocess, tarfile\n"
+          "bundle, home = sys.argv[1], sys.argv[2]\n"
+          "with tarfile.open(bundle) as tar:\n"
+          "    tar.extractall(home, **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))\n"
+          "os.remove(bundle)\n"
+          "sys.exit(subprocess.call([sys.executable] + sys.argv[3:]))\n")
+
+
 def _node(paths, verb, *args):
     return [paths["python"], paths["node"], verb, "--run-dir", paths["run_dir"]] + list(args)
 
@@ -512,9 +523,14 @@ def add_processes(plan, records):
                        + [paths["train"]] + train_args(plan, paths), "env": env, "cwd": paths["run_dir"]}
         host["process"] = process
         watch = plan["watch"]
+        preflight = {"argv": [paths["python"], paths["train"], "--preflight"] + train_args(plan, paths),
+                     "env": dict(env), "cwd": paths["run_dir"]}
         host["commands"] = {
-            "preflight": {"argv": [paths["python"], paths["train"], "--preflight"] + train_args(plan, paths),
-                          "env": dict(env), "cwd": paths["run_dir"]},
+            "preflight": preflight,
+            "stage": {"argv": [paths["python"], "-c", UNPACK, paths["bundle"], paths["home"]]
+                      + _node(paths, "stage", "--preflight", json.dumps(preflight))
+                      + (["--port", str(plan["master"]["port"])] if is_master else [])
+                      + (["--checkpoints"] if plan["training"]["resume"] else [])},
             # the supervisor outlives the controller and enforces the timeouts itself
             "start": None if process is None else {
                 "argv": _node(paths, "start", "--stall-timeout", str(watch["stall_timeout"]), "--startup-timeout",

@@ -213,7 +213,7 @@ def test_preflight_bundled(ds_config, tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["ok"] is True and result["model"] == str(PRESET) and result["dataset"] == str(CORPUS)
-    assert result["vocab_size"] == 1024 and result["blocks"] > 50
+    assert result["vocab_size"] == 1024 and result["sample_documents"] > 50
     assert not (tmp_path / "out").exists()
 
 
@@ -224,13 +224,26 @@ def test_preflight_local_model_dir_and_jsonl(ds_config, tmp_path):
                    "--model", PRESET, "--dataset", rows, "--text_field", "body", "--block_size", "64")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert result["model"] == str(PRESET) and result["dataset"] == str(rows) and result["blocks"] > 10
+    assert result["model"] == str(PRESET) and result["dataset"] == str(rows) and result["sample_documents"] == 20
 
 
-def test_preflight_dataset_too_small_for_one_block(ds_config, tmp_path):
+def test_preflight_finds_a_missing_tokenizer_and_a_bad_first_row_without_loading_anything(ds_config, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text((PRESET / "config.json").read_text())
+    proc = run_cli("--deepspeed_config", ds_config, "--output_dir", tmp_path / "out", "--preflight", "--model", model)
+    assert proc.returncode == 2 and "has no tokenizer" in proc.stderr, proc.stderr
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"body": "x"}) + "\n" + json.dumps({"text": "y"}) + "\n")
+    proc = run_cli("--deepspeed_config", ds_config, "--output_dir", tmp_path / "out", "--preflight", "--dataset", rows)
+    assert proc.returncode == 2 and "line 1 has no field 'text'" in proc.stderr, proc.stderr
+
+
+def test_a_dataset_too_small_for_one_block_fails_before_training(ds_config, tmp_path):
     small = tmp_path / "small.txt"
     small.write_text("Just a few words.\n")
-    proc = run_cli("--deepspeed_config", ds_config, "--output_dir", tmp_path / "out", "--preflight", "--dataset", small)
+    # found by the rank itself (the preflight does not tokenize), before it joins the process group
+    proc = run_cli("--deepspeed_config", ds_config, "--output_dir", tmp_path / "out", "--dataset", small)
     assert proc.returncode == 2 and "yields no block of 128 tokens" in proc.stderr, proc.stderr
 
 

@@ -162,3 +162,41 @@ def test_a_tag_travels_by_pack_and_receive_whole_or_not_at_all(run_dir, tmp_path
     bad = subprocess.run([sys.executable, str(NODE), "receive", "--run-dir", str(other), "--dest", "../../etc",
                           "--name", "x"], input=packed, capture_output=True, text=False)
     assert bad.returncode == 2 and b"refusing destination" in bad.stderr
+
+
+def test_stage_unpacks_the_bundle_and_runs_every_check_in_one_call(tmp_path):
+    """The plan's commands.stage on a host: the bundle (action_plugins/dsfleet_bundle.py) is unpacked into the
+    dsfleet home, then preflight, port and checkpoints come back as one JSON object."""
+    sys.path.insert(0, str(ROOT / "action_plugins"))
+    import dsfleet_bundle
+
+    from dsfleet_core import plan as P
+
+    run_files = tmp_path / "controller-run"
+    run_files.mkdir()
+    for name in ("plan.json", "hostfile", "ds_config.json", ".deepspeed_env", "replicas.json"):
+        (run_files / name).write_text("{}\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    paths = P.host_paths(str(home), sys.executable.rsplit("/bin/", 1)[0], "r1")
+    dsfleet_bundle.bundle(paths["bundle"], "r1", str(run_files), str(ROOT / "train"), str(NODE),
+                          ["plan.json", "hostfile", "ds_config.json", ".deepspeed_env", "replicas.json"])
+    preflight = {"argv": [sys.executable, "-c", "import json; print(json.dumps({'ok': True}))"], "env": {"X": "1"},
+                 "cwd": paths["run_dir"]}
+    argv = [sys.executable, "-c", P.UNPACK, paths["bundle"], paths["home"], paths["node"], "stage", "--run-dir",
+            paths["run_dir"], "--preflight", json.dumps(preflight), "--port", "1", "--checkpoints"]
+    got = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    result = json.loads(got.stdout)
+    assert result["preflight"] == {"rc": 0, "result": {"ok": True}, "error": ""}
+    assert result["checkpoints"]["complete"] == [] and result["port"]["port"] == 1
+    assert os.path.isfile(paths["train"]) and os.path.isfile(paths["node"]) and os.path.isdir(paths["out"])
+    assert sorted(os.listdir(paths["run_dir"])) == [".deepspeed_env", "ds_config.json", "hostfile", "out", "plan.json",
+                                                    "replicas.json"]
+    assert not os.path.exists(paths["bundle"])
+    # a failing preflight's error line comes back, the call itself still succeeds
+    bad = dict(preflight, argv=[sys.executable, "-c",
+                                "import sys; sys.stderr.write('noise\\ndsfleet-train: error: no model. Fix it\\n'); sys.exit(2)"])
+    got = node("stage", "--run-dir", paths["run_dir"], "--preflight", json.dumps(bad))
+    assert got["preflight"]["rc"] == 2 and got["preflight"]["error"] == "dsfleet-train: error: no model. Fix it"
+    assert got["port"] is None and got["checkpoints"] is None

@@ -488,3 +488,16 @@ def test_resume_on_another_world_keeps_the_global_batch_and_says_so():
     odd = P.make_plan([host("a", 11, [A100(0)]), host("b", 12, [A100(0)])],
                       {"run_id": "r", "resume": "r", "micro_batch": 4}, before)
     assert odd["batch"]["global"] == 8 and "does not divide" in odd["resume"]["note"]
+
+
+def test_staging_is_one_command_per_host():
+    plan = _two_host_plan()
+    a, b = (h["commands"]["stage"]["argv"] for h in plan["hosts"])
+    paths = plan["hosts"][0]["paths"]
+    assert a[:5] == [paths["python"], "-c", P.UNPACK, paths["bundle"], paths["home"]]
+    assert a[5:8] == [paths["python"], paths["node"], "stage"]
+    assert json.loads(a[a.index("--preflight") + 1]) == plan["hosts"][0]["commands"]["preflight"]
+    assert a[a.index("--port") + 1] == str(plan["master"]["port"]) and "--port" not in b   # the master's only
+    assert "--checkpoints" not in a
+    resumed = _two_host_plan(resume="r")
+    assert all("--checkpoints" in h["commands"]["stage"]["argv"] for h in resumed["hosts"])

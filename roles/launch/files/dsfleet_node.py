@@ -20,6 +20,9 @@
                                     on the new master: gather one copy of every rank's files of tag S, convert
                                     them with ds_to_universal into <tag>_universal and send that to every target
     dsfleet_node.py port-free --port P                  exit 0 if TCP port P can be bound here, else 1
+    dsfleet_node.py stage --run-dir D --preflight JSON [--port P] [--checkpoints]
+                                    JSON: the preflight's result (JSON: {argv, env, cwd}), whether port P is free,
+                                    the checkpoints held here: every check of a host's staging in one call
 
 The run directory's path is the run's marker: every rank's command line contains it (its --output_dir), so `stop`
 and `ps` find ranks started by DeepSpeed's pdsh runner too, by PID, never by process name.
@@ -559,19 +562,52 @@ def cmd_ps(args):
     return 0
 
 
-def cmd_port_free(args):
+def _port_free(port):
     import socket
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(("", args.port))
+        sock.bind(("", port))
     except OSError as exc:
-        print(json.dumps({"port": args.port, "free": False, "error": str(exc)}))
-        return 1
+        return {"port": port, "free": False, "error": str(exc)}
     finally:
         sock.close()
-    print(json.dumps({"port": args.port, "free": True}))
+    return {"port": port, "free": True}
+
+
+def cmd_port_free(args):
+    found = _port_free(args.port)
+    print(json.dumps(found))
+    return 0 if found["free"] else 1
+
+
+def cmd_stage(args):
+    """A host's staging checks in one call (the controller judges the result; this always exits 0)."""
+    run_dir = os.path.abspath(args.run_dir)
+    os.makedirs(os.path.join(run_dir, "out"), exist_ok=True)
+    spec = json.loads(args.preflight)
+    try:
+        proc = subprocess.run(spec["argv"], env=dict(os.environ, **spec["env"]), cwd=spec["cwd"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
+        errors = [ln for ln in proc.stderr.splitlines() if "dsfleet-train: error" in ln]
+        preflight = {"rc": proc.returncode, "result": _last_json(proc.stdout),
+                     "error": " ".join(errors or proc.stderr.strip().splitlines()[-5:])}
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        preflight = {"rc": 127, "result": None, "error": str(exc)}
+    print(json.dumps({"preflight": preflight, "port": _port_free(args.port) if args.port else None,
+                      "checkpoints": ckpt.listing(os.path.join(run_dir, "out")) if args.checkpoints else None}))
     return 0
+
+
+def _last_json(text):
+    for line in reversed(text.splitlines()):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
 
 
 def main(argv=None):
@@ -627,6 +663,12 @@ def main(argv=None):
     p.add_argument("--sources", required=True)
     p.add_argument("--targets", required=True)
     p.set_defaults(func=cmd_universal)
+    p = sub.add_parser("stage")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--preflight", required=True, help="JSON {argv, env, cwd} of the training module's preflight")
+    p.add_argument("--port", type=int, default=None, help="the master port to find free (on the master)")
+    p.add_argument("--checkpoints", action="store_true", help="list the checkpoints held here (resume)")
+    p.set_defaults(func=cmd_stage)
     p = sub.add_parser("port-free")
     p.add_argument("--port", type=int, required=True)
     p.set_defaults(func=cmd_port_free)
