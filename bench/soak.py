@@ -36,9 +36,11 @@ def main():
     parser.add_argument("--every", type=float, default=30, help="seconds between samples")
     parser.add_argument("--poll-interval", type=int, default=5)
     parser.add_argument("--ranks", type=int, default=1, help="CPU ranks (one thread each; 1 leaves a core free)")
+    parser.add_argument("--nice", type=int, default=19,
+                        help="niceness of the launch (the ranks inherit it): the soak yields the CPU to other work")
     args = parser.parse_args()
     run_id = "soak-%s" % uuid.uuid4().hex[:6]
-    subprocess.run([DSFLEET, "launch.yml", "-e", "run_id=" + run_id, "-e", "follow=false", "-e", "max_steps=100000000",
+    subprocess.run(["nice", "-n", str(args.nice), DSFLEET, "launch.yml", "-e", "run_id=" + run_id, "-e", "follow=false", "-e", "max_steps=100000000",
                     "-e", "save_every_minutes=10", "-e", "poll_interval=%d" % args.poll_interval,
                     "-e", "cpu_ranks=%d" % args.ranks, "-e", json.dumps({"extra_env": {"OMP_NUM_THREADS": "1"}})],
                    check=True,
@@ -58,6 +60,7 @@ def main():
         follower.wait(timeout=600)
     rss = [s["rss_kib"] for s in samples if s["rss_kib"]]
     result = {"run_id": run_id, "minutes": args.minutes, "poll_interval_s": args.poll_interval, "ranks": args.ranks,
+              "nice": args.nice,
               "polls": samples[-1]["polls"] if samples else 0, "rss_first_kib": rss[0] if rss else None,
               "rss_last_kib": rss[-1] if rss else None, "rss_max_kib": max(rss) if rss else None, "samples": samples}
     out = ROOT / "bench" / "results" / "soak.json"

@@ -492,7 +492,7 @@ UNPACK = ("import os, sys, subprocess, tarfile\n"
           "with tarfile.open(bundle) as tar:\n"
           "    tar.extractall(home, **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))\n"
           "os.remove(bundle)\n"
-          "sys.exit(subprocess.call([sys.executable] + sys.argv[3:]))\n")
+          "sys.exit(subprocess.call(sys.argv[3:]))\n")
 
 
 def _node(paths, verb, *args):

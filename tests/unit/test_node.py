@@ -178,18 +178,27 @@ def test_stage_unpacks_the_bundle_and_runs_every_check_in_one_call(tmp_path):
         (run_files / name).write_text("{}\n")
     home = tmp_path / "home"
     home.mkdir()
-    paths = P.host_paths(str(home), sys.executable.rsplit("/bin/", 1)[0], "r1")
+    venv = sys.executable.rsplit("/bin/", 1)[0]
+    record = {"name": "localhost", "address": "127.0.0.1", "local": True, "reachable": True, "home": str(home),
+              "venv": venv, "path": "/usr/bin:/bin",
+              "gpu": {"accelerator": "cpu", "gpus": [], "cpu": {"model": "x", "cores": 2, "memory_mib": 4096,
+                                                                 "bf16": False}},
+              "interfaces": [{"name": "lo", "ipv4": ["127.0.0.1/8"]}]}
+    plan = P.make_plan([record], {"run_id": "r1", "resume": "r1", "master_port": 29999})
+    me = plan["hosts"][0]
+    paths, argv = me["paths"], list(me["commands"]["stage"]["argv"])
     dsfleet_bundle.bundle(paths["bundle"], "r1", str(run_files), str(ROOT / "train"), str(NODE),
                           ["plan.json", "hostfile", "ds_config.json", ".deepspeed_env", "replicas.json"])
+    # the plan's own command, with a stand-in preflight (the real one is the e2e tier's)
     preflight = {"argv": [sys.executable, "-c", "import json; print(json.dumps({'ok': True}))"], "env": {"X": "1"},
                  "cwd": paths["run_dir"]}
-    argv = [sys.executable, "-c", P.UNPACK, paths["bundle"], paths["home"], paths["node"], "stage", "--run-dir",
-            paths["run_dir"], "--preflight", json.dumps(preflight), "--port", "1", "--checkpoints"]
+    argv[argv.index("--preflight") + 1] = json.dumps(preflight)
+    assert argv[0] == paths["python"] and "--port" in argv and "--checkpoints" in argv
     got = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert got.returncode == 0, got.stderr
     result = json.loads(got.stdout)
     assert result["preflight"] == {"rc": 0, "result": {"ok": True}, "error": ""}
-    assert result["checkpoints"]["complete"] == [] and result["port"]["port"] == 1
+    assert result["checkpoints"]["complete"] == [] and result["port"]["port"] == 29999
     assert os.path.isfile(paths["train"]) and os.path.isfile(paths["node"]) and os.path.isdir(paths["out"])
     assert sorted(os.listdir(paths["run_dir"])) == [".deepspeed_env", "ds_config.json", "hostfile", "out", "plan.json",
                                                     "replicas.json"]
