@@ -524,3 +524,19 @@ def test_export_source_gathers_the_newest_whole_checkpoint_on_the_master():
     empty = R.export_source({"a": {"layouts": {}}, "b": {"layouts": {}}}, plan)
     assert empty["step"] is None and "no checkpoint with every rank's files" in empty["text"]
     assert plan["hosts"][1]["commands"]["export"] is None   # the master gathers
+
+
+def test_the_run_files_render_from_the_plan():
+    from dsfleet_core import render
+    plan = _three()
+    files = render.files(plan)
+    assert sorted(files) == sorted(render.FILES)
+    assert files["hostfile"].splitlines()[2:] == ["10.1.0.11 slots=2", "10.1.0.12 slots=2", "10.1.0.13 slots=2"]
+    assert json.loads(files["plan.json"]) == json.loads(json.dumps(plan))
+    assert json.loads(files["ds_config.json"]) == plan["ds_config"]
+    assert json.loads(files["replicas.json"]) == plan["replicas"]
+    env = dict(line.split("=", 1) for line in files[".deepspeed_env"].splitlines())
+    assert env == {k: str(v) for k, v in plan["deepspeed_env"].items()}
+    plan["deepspeed_env"]["BAD"] = "two\nlines"
+    with pytest.raises(ValueError, match="BAD cannot be written"):
+        render.files(plan)
