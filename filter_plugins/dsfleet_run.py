@@ -32,4 +32,5 @@ class FilterModule(object):
             "dsfleet_stop_report": _adapt(_run.stop_report),
             "dsfleet_common_checkpoint": _adapt(_run.common_checkpoint),
             "dsfleet_resume_source": _adapt(_run.resume_source),
+            "dsfleet_export_source": _adapt(_run.export_source),
         }

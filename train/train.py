@@ -50,7 +50,6 @@ Outputs in --output_dir:
 Bad input exits 2 with one line on stderr: "dsfleet-train: error: <what is wrong>. <how to fix>".
 """
 import argparse
-import inspect
 import json
 import math
 import os
@@ -62,6 +61,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the torch-free pieces live beside this file (also when loaded by path)
     sys.path.insert(0, str(HERE))
+
+from export_hf import save_pretrained_dir  # noqa: E402
 
 from dsfleet_ckpt import (  # noqa: E402
     complete_layouts,
@@ -494,10 +495,7 @@ def export(engine, tokenizer, export_dir, zero_stage, rank):
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
     if rank != 0:
         return
-    module = engine.module
-    extra = {"safe_serialization": True} if "safe_serialization" in inspect.signature(module.save_pretrained).parameters else {}
-    module.save_pretrained(str(export_dir), state_dict=state_dict, **extra)  # transformers 5 always writes safetensors
-    tokenizer.save_pretrained(str(export_dir))
+    save_pretrained_dir(engine.module, tokenizer, export_dir, state_dict)  # export_hf.py writes the same way
 
 
 REPLICA_WAIT_S = 300  # at the end (or a stop) the last checkpoint's copy to the next host may take this long

@@ -27,6 +27,7 @@ GROUPS = (
     ("deepspeed", "How DeepSpeed runs it"),
     ("hosts", "Which hosts and devices"),
     ("run", "How the run is started and watched"),
+    ("export", "Exporting a checkpoint (playbooks/export.yml)"),
     ("host", "Per-host variables"),
 )
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", list: "a list (or a,b,c)",
@@ -119,6 +120,11 @@ KNOB_LIST = (
     Knob("dry_run", bool, False, "run", "compute and render the plan, start nothing"),
     Knob("other_vars", list, [], "run", "inventory variables that belong to other projects (names or "
          "`prefix*`), which dsfleet then does not report as unknown"),
+    Knob("step", int, 0, "export", "the checkpoint step to export (0: the newest one whose every rank's shards are "
+         "found on the hosts, their own or a copy)", minimum=0),
+    Knob("export_to", str, "controller", "export", "`controller`: fetch the Hugging Face directory into "
+         "`runs/<id>/export-global_step<N>/`; `host`: leave it on the host that gathered the shards (the master)",
+         choices=("controller", "host")),
     Knob("gpus", str, "", "host", "devices this host may use, like `CUDA_VISIBLE_DEVICES` (`\"0,2\"`)",
          scope="host", shown="every device"),
     Knob("slots", int, None, "host", "at most N ranks on this host", minimum=1, scope="host", shown="one per "

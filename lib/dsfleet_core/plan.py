@@ -548,6 +548,9 @@ def add_processes(plan, records):
             "pack": {"argv": _node(paths, "pack")},
             "receive": {"argv": _node(paths, "receive")},
             "universal": {"argv": _node(paths, "universal")} if is_master else None,
+            # playbooks/export.yml (dsfleet_core.run.export_source adds the step and the sources)
+            "export": {"argv": _node(paths, "export", "--model", plan["training"]["model"], "--script",
+                                     paths["code"] + "/train/export_hf.py")} if is_master else None,
             "ps": {"argv": _node(paths, "ps")},
             "port_check": {"argv": [paths["python"], paths["node"], "port-free", "--port",
                                     str(plan["master"]["port"])]} if is_master else None,

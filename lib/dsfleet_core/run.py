@@ -258,19 +258,7 @@ def resume_source(listings, plan):
 
     exact = set.intersection(*[{s for s, m in own(n).items() if exact_ok(n, m)} for n in names])
     universal = set.intersection(*[set(found[n].get("universal") or []) for n in names])
-    holders = {}  # step -> {rank: [(host, holder or None, marker)]}
-    for n in names:
-        copies = [(None, own(n))] + [(h, {int(k): v for k, v in tags.items()})
-                                     for h, tags in (found[n].get("replicas") or {}).items()]
-        for holder, tags in copies:
-            for step, marker in tags.items():
-                for r in marker.get("ranks") or []:
-                    holders.setdefault(step, {}).setdefault(r, []).append((n, holder, marker))
-    convertible = {}
-    for step, by_rank in holders.items():
-        worlds = {m.get("world_size") for copies in by_rank.values() for _, _, m in copies}
-        if len(worlds) == 1 and None not in worlds and sorted(by_rank) == list(range(worlds.pop())):
-            convertible[step] = by_rank
+    convertible = _whole_steps(found, names)
     best = max(exact | universal | set(convertible), default=None)
     master = plan["hosts"][0]
     if best is None:
@@ -283,16 +271,7 @@ def resume_source(listings, plan):
     if best in universal:
         return {"step": best, "mode": "universal", "argv": None,
                 "text": "resuming from step %d, from its universal checkpoint on every host" % best}
-    by_rank = convertible[best]
-    picks = {}
-    for r, copies in sorted(by_rank.items()):
-        host, holder, marker = sorted(copies, key=lambda c: (c[0] != master["name"], c[1] is not None, c[0]))[0]
-        picks.setdefault((host, holder), {"ranks": [], "world_size": marker["world_size"]})["ranks"].append(r)
-    hosts = {h["name"]: h for h in plan["hosts"]}
-    sources = [{"name": host, "holder": holder, "address": str(hosts[host]["address"]),
-                "local": host == master["name"], "ranks": v["ranks"], "world_size": v["world_size"],
-                "pack": hosts[host]["commands"]["pack"]["argv"]} for (host, holder), v in sorted(
-                    picks.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))]
+    sources = _sources(convertible[best], plan, master)
     targets = [{"name": h["name"], "address": str(h["address"]), "receive": h["commands"]["receive"]["argv"]}
                for h in plan["hosts"][1:]]
     old_world = sources[0]["world_size"]
@@ -303,6 +282,65 @@ def resume_source(listings, plan):
     return {"step": best, "mode": "convert", "argv": argv,
             "text": "resuming from step %d, written by %d rank(s), now %d: gathering on %s (%s), converting to a "
                     "universal checkpoint" % (best, old_world, world, master["name"], where)}
+
+
+def _whole_steps(found, names):
+    """{step: {rank: [(host, holder or None, marker)]}} of the steps whose every rank (of the world that wrote
+    them) has a copy on one of ``names``: its own tag, or the replica it keeps for a ring neighbour."""
+    holders = {}
+    for n in names:
+        listing = found.get(n) or {}
+        copies = [(None, listing.get("layouts") or {})] + list((listing.get("replicas") or {}).items())
+        for holder, tags in copies:
+            for step, marker in tags.items():
+                for r in marker.get("ranks") or []:
+                    holders.setdefault(int(step), {}).setdefault(r, []).append((n, holder, marker))
+    whole = {}
+    for step, by_rank in holders.items():
+        worlds = {m.get("world_size") for copies in by_rank.values() for _, _, m in copies}
+        if len(worlds) == 1 and None not in worlds and sorted(by_rank) == list(range(worlds.pop())):
+            whole[step] = by_rank
+    return whole
+
+
+def _sources(by_rank, plan, gatherer):
+    """Where the gatherer takes each rank's files from: itself first (no transfer), its own tags before replicas."""
+    picks = {}
+    for r, copies in sorted(by_rank.items()):
+        host, holder, marker = sorted(copies, key=lambda c: (c[0] != gatherer["name"], c[1] is not None, c[0]))[0]
+        picks.setdefault((host, holder), {"ranks": [], "world_size": marker["world_size"]})["ranks"].append(r)
+    hosts = {h["name"]: h for h in plan["hosts"]}
+    return [{"name": host, "holder": holder, "address": str(hosts[host]["address"]),
+             "local": host == gatherer["name"], "ranks": v["ranks"], "world_size": v["world_size"],
+             "pack": hosts[host]["commands"]["pack"]["argv"]}
+            for (host, holder), v in sorted(picks.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))]
+
+
+def export_source(listings, plan, step=0):
+    """What playbooks/export.yml gathers on the master: the newest step (or ``step``) whose every rank has a copy
+    on a host that answered ({host: `dsfleet_node.py checkpoints` output, None when unreachable}). Returns
+    {"step", "argv" (the master's `dsfleet_node.py export` command), "dest", "text"}; step None with the reason."""
+    master = plan["hosts"][0]
+    names = [h["name"] for h in plan["hosts"] if listings.get(h["name"]) is not None]
+    if master["name"] not in names:
+        return {"step": None, "argv": None, "dest": None,
+                "text": "the master %s did not answer; the export is gathered there" % master["name"]}
+    whole = _whole_steps(listings, names)
+    if step and step not in whole:
+        return {"step": None, "argv": None, "dest": None,
+                "text": "step %d is not a checkpoint whose every rank's files are on the hosts (complete: %s)"
+                        % (step, ", ".join(map(str, sorted(whole))) or "none")}
+    if not whole:
+        held = "; ".join("%s: %s" % (n, ", ".join(sorted((listings[n].get("layouts") or {}), key=int)) or "none")
+                         for n in names)
+        return {"step": None, "argv": None, "dest": None,
+                "text": "run %s has no checkpoint with every rank's files on the hosts (%s)" % (plan["run_id"], held)}
+    chosen = step or max(whole)
+    argv = master["commands"]["export"]["argv"] + ["--step", str(chosen), "--sources",
+                                                   json.dumps(_sources(whole[chosen], plan, master))]
+    return {"step": chosen, "argv": argv, "dest": "%s/export-global_step%d" % (master["paths"]["out"], chosen),
+            "text": "exporting step %d on %s from %d rank(s)' files" % (
+                chosen, master["name"], len(whole[chosen]))}
 
 
 def stop_report(plan, stops, checkpoints):

@@ -229,6 +229,40 @@ def test_status_then_stop_leaves_nothing_and_resume_continues(cluster, tmp_path)
     assert summary["steps"] == halt + 5
 
 
+LOGITS = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+x = torch.arange(64).reshape(2, 32) % 1000
+out = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()(input_ids=x).logits.detach()
+       for p in sys.argv[1:]]
+print(json.dumps({"max_diff": float((out[0] - out[1]).abs().max()), "scale": float(out[0].abs().max())}))
+"""
+
+
+def test_a_zero3_run_on_three_hosts_exports_from_its_scattered_shards(cluster, tmp_path):
+    """Each host holds only its own rank's ZeRO-3 partition; export.yml gathers them on h1, rebuilds the weights and
+    fetches a Hugging Face directory to the controller that gives the training engine's logits."""
+    result, run_id, took = launch(cluster, tmp_path, max_steps=6, zero_stage=3, precision="fp32", block_size=32)
+    assert result.rc == 0, result.stdout[-3000:]
+    for rank, host in enumerate(cluster.names):
+        tag = home(cluster, host) / ".dsfleet" / "runs" / run_id / "out" / "checkpoint" / "global_step6"
+        ranks = {int(p.name.split("_")[2]) for p in tag.glob("zero_pp_rank_*_optim_states.pt")}
+        assert ranks == {rank}, (host, sorted(p.name for p in tag.iterdir()))
+    exported = operate(cluster, tmp_path, "playbooks/export.yml", run_id)
+    assert exported.rc == 0, exported.stdout[-4000:]
+    assert "exporting step 6 on h1 from 3 rank(s)' files" in exported.stdout
+    here = RUNS / run_id / "export-global_step6"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in here.iterdir()}
+    # the engine's own end-of-run export (rank 0, on h1), loaded by the venv setup.yml built there
+    python = home(cluster, "h1") / ".dsfleet" / "venv" / "bin" / "python"
+    end_of_run = home(cluster, "h1") / ".dsfleet" / "runs" / run_id / "out" / "export"
+    same = subprocess.run([str(python), "-c", LOGITS, str(here), str(end_of_run)], capture_output=True, text=True,
+                          timeout=300)
+    assert same.returncode == 0, same.stderr[-2000:]
+    diff = json.loads(same.stdout.splitlines()[-1])
+    assert diff["scale"] > 0 and diff["max_diff"] <= 1e-5 * diff["scale"], diff
+
+
 def test_unreachable_host_fails_fast(cluster, tmp_path):
     # last: the host stays down. Its sshd is stopped by PID, as the rig recorded it.
     os.kill(cluster.host("h3")["sshd_pid"], signal.SIGTERM)

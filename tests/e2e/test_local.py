@@ -79,6 +79,8 @@ def _assert_no_process_left(python, host_run_dir):
     ({"accelerator": "tpu"}, "accelerator='tpu' is not one of"),
     ({"precision": "fp16"}, "fp16 is not supported by DeepSpeed on CPU"),
     ({"launcher": "mpi"}, "launcher='mpi' is not one of"),
+    ({"dsfleet_venv": "/no/such/venv"}, "localhost has no dsfleet python environment at /no/such/venv; run "
+                                        "`ansible-playbook setup.yml`"),
 ])
 def test_bad_input_fails_before_training_with_the_fix(train_python, extravars, message):
     run_id = _run_id("bad")

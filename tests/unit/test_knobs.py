@@ -123,7 +123,7 @@ def test_launch_tasks_run_only_the_plans_commands():
         for key in ("argv", "environment", "chdir"):
             for value in re.findall(r"^\s*%s:\s*(.*)$" % key, text, re.M):
                 # the resume gather's command is the pure resume_source's, built from the plan's commands
-                assert re.fullmatch(r'"\{\{ (__launch_me\.commands\.\w+\.(argv|env|cwd)|__launch_resume\.argv) \}\}"',
+                assert re.fullmatch(r'"\{\{ (__launch_me\.commands\.\w+\.(argv|env|cwd)|__launch_(resume|export)\.argv) \}\}"',
                                     value.strip()), (
                     "%s: %s: %s is not the plan's" % (path.name, key, value))
         for value in re.findall(r"^\s*ansible\.builtin\.raw:\s*(.*)$", text, re.M):

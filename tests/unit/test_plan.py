@@ -501,3 +501,42 @@ def test_staging_is_one_command_per_host():
     assert "--checkpoints" not in a
     resumed = _two_host_plan(resume="r")
     assert all("--checkpoints" in h["commands"]["stage"]["argv"] for h in resumed["hosts"])
+
+
+def test_export_source_gathers_the_newest_whole_checkpoint_on_the_master():
+    plan = _two_host_plan()
+    listings = {"a": {"layouts": {"10": _marker(10, 2, [0]), "20": _marker(20, 2, [0])},
+                      "replicas": {"b": {"10": _marker(10, 2, [1])}}},
+                "b": {"layouts": {"10": _marker(10, 2, [1]), "20": _marker(20, 2, [1])}, "replicas": {}}}
+    found = R.export_source(listings, plan)
+    assert found["step"] == 20 and found["dest"].endswith("/runs/r/out/export-global_step20")
+    argv = found["argv"]
+    assert argv[:len(plan["hosts"][0]["commands"]["export"]["argv"])] == plan["hosts"][0]["commands"]["export"]["argv"]
+    assert argv[argv.index("--model", 3) + 1] == "tiny" and argv[argv.index("--step") + 1] == "20"
+    sources = json.loads(argv[argv.index("--sources") + 1])
+    assert [(s["name"], s["holder"], s["ranks"]) for s in sources] == [("a", None, [0]), ("b", None, [1])]
+    # b gone: step 10 still exports from a's own shard and the copy of b's it keeps; 20 does not
+    listings["b"] = None
+    assert R.export_source(listings, plan)["step"] == 10
+    bad = R.export_source(listings, plan, step=20)
+    assert bad["step"] is None and "step 20 is not a checkpoint" in bad["text"] and "complete: 10" in bad["text"]
+    assert "did not answer" in R.export_source({"a": None, "b": listings["a"]}, plan)["text"]
+    empty = R.export_source({"a": {"layouts": {}}, "b": {"layouts": {}}}, plan)
+    assert empty["step"] is None and "no checkpoint with every rank's files" in empty["text"]
+    assert plan["hosts"][1]["commands"]["export"] is None   # the master gathers
+
+
+def test_the_run_files_render_from_the_plan():
+    from dsfleet_core import render
+    plan = _three()
+    files = render.files(plan)
+    assert sorted(files) == sorted(render.FILES)
+    assert files["hostfile"].splitlines()[2:] == ["10.1.0.11 slots=2", "10.1.0.12 slots=2", "10.1.0.13 slots=2"]
+    assert json.loads(files["plan.json"]) == json.loads(json.dumps(plan))
+    assert json.loads(files["ds_config.json"]) == plan["ds_config"]
+    assert json.loads(files["replicas.json"]) == plan["replicas"]
+    env = dict(line.split("=", 1) for line in files[".deepspeed_env"].splitlines())
+    assert env == {k: str(v) for k, v in plan["deepspeed_env"].items()}
+    plan["deepspeed_env"]["BAD"] = "two\nlines"
+    with pytest.raises(ValueError, match="BAD cannot be written"):
+        render.files(plan)

@@ -20,6 +20,8 @@
                                     on the new master: gather one copy of every rank's files of tag S, convert
                                     them with ds_to_universal into <tag>_universal and send that to every target
     dsfleet_node.py port-free --port P                  exit 0 if TCP port P can be bound here, else 1
+    dsfleet_node.py export --run-dir D --step S --sources JSON --model M --script export_hf.py
+                                    gather every rank's files of tag S here, write D/out/export-<tag>/ from them
     dsfleet_node.py stage --run-dir D --preflight JSON [--port P] [--checkpoints]
                                     JSON: the preflight's result (JSON: {argv, env, cwd}), whether port P is free,
                                     the checkpoints held here: every check of a host's staging in one call
@@ -503,6 +505,43 @@ def cmd_pack(args):
     return 0
 
 
+def _gather(out, step, sources, gather):
+    """One copy of every rank's files of tag ``step`` into the folder ``gather``, from this host's own files and
+    replicas (copied) and the other hosts' (pulled over ssh with their `pack`). Returns the world size, or None
+    (said why on stderr)."""
+    shutil.rmtree(gather, ignore_errors=True)
+    os.makedirs(gather)
+    world = 0
+    for i, src in enumerate(sources):
+        world = max(world, int(src["world_size"]))
+        if src.get("local"):
+            folder = str(ckpt.tag_dir(out, step, src.get("holder")))
+            for name in _pack_names(folder, src["ranks"]):
+                shutil.copy2(os.path.join(folder, name), os.path.join(gather, name))
+            continue
+        pack = src["pack"] + ["--step", str(step), "--ranks", ",".join(map(str, src["ranks"]))] + (
+            ["--holder", src["holder"]] if src.get("holder") else [])
+        proc = subprocess.Popen(SSH + [src["address"], shlex.join(pack)], stdout=subprocess.PIPE)
+        try:
+            part = ckpt.read_tar(proc.stdout, gather, "part%d" % i)
+        except (OSError, ValueError, EOFError) as exc:
+            _say("gather: reading ranks %s of %s from %s failed: %s" % (src["ranks"], ckpt.tag_for(step),
+                                                                        src["name"], exc))
+            proc.kill()
+            return None
+        if proc.wait() != 0:
+            _say("gather: fetching ranks %s of %s from %s failed" % (src["ranks"], ckpt.tag_for(step), src["name"]))
+            return None
+        for name in os.listdir(part):
+            os.replace(os.path.join(part, name), os.path.join(gather, name))
+        os.rmdir(part)
+    have = sorted(set(r for r in (ckpt.rank_of_file(n) for n in os.listdir(gather)) if r is not None))
+    if have != list(range(world)):
+        _say("gather: found ranks %s of %d for %s" % (have, world, ckpt.tag_for(step)))
+        return None
+    return world
+
+
 def cmd_universal(args):
     """Gather every rank's files of one tag here, convert them to a universal checkpoint, ship it to every target."""
     out = os.path.join(os.path.abspath(args.run_dir), "out")
@@ -511,30 +550,8 @@ def cmd_universal(args):
     gather = os.path.join(ckpt_dir, "%s_gather" % ckpt.tag_for(args.step))
     utag = ckpt.universal_tag_for(args.step)
     start = time.time()
-    shutil.rmtree(gather, ignore_errors=True)
-    os.makedirs(gather)
-    world = 0
-    for i, src in enumerate(sources):
-        world = max(world, int(src["world_size"]))
-        if src.get("local"):
-            folder = str(ckpt.tag_dir(out, args.step, src.get("holder")))
-            for name in _pack_names(folder, src["ranks"]):
-                shutil.copy2(os.path.join(folder, name), os.path.join(gather, name))
-            continue
-        pack = src["pack"] + ["--step", str(args.step), "--ranks", ",".join(map(str, src["ranks"]))] + (
-            ["--holder", src["holder"]] if src.get("holder") else [])
-        proc = subprocess.Popen(SSH + [src["address"], shlex.join(pack)], stdout=subprocess.PIPE)
-        part = ckpt.read_tar(proc.stdout, gather, "part%d" % i)
-        if proc.wait() != 0:
-            _say("universal: fetching ranks %s of %s from %s failed" % (src["ranks"], ckpt.tag_for(args.step),
-                                                                         src["name"]))
-            return 1
-        for name in os.listdir(part):
-            os.replace(os.path.join(part, name), os.path.join(gather, name))
-        os.rmdir(part)
-    have = sorted(set(r for r in (ckpt.rank_of_file(n) for n in os.listdir(gather)) if r is not None))
-    if have != list(range(world)):
-        _say("universal: gathered ranks %s of %d for %s; cannot convert" % (have, world, ckpt.tag_for(args.step)))
+    world = _gather(out, args.step, sources, gather)
+    if world is None:
         return 1
     _say("universal: gathered %d ranks' files of %s in %.1fs; converting" % (world, ckpt.tag_for(args.step),
                                                                             time.time() - start))
@@ -596,6 +613,29 @@ def cmd_stage(args):
         preflight = {"rc": 127, "result": None, "error": str(exc)}
     print(json.dumps({"preflight": preflight, "port": _port_free(args.port) if args.port else None,
                       "checkpoints": ckpt.listing(os.path.join(run_dir, "out")) if args.checkpoints else None}))
+    return 0
+
+
+def cmd_export(args):
+    """Gather every rank's files of one tag here and write a Hugging Face directory from them (export_hf.py)."""
+    out = os.path.join(os.path.abspath(args.run_dir), "out")
+    tag = ckpt.tag_for(args.step)
+    parent = os.path.join(out, "export-gather")
+    start = time.time()
+    if _gather(out, args.step, json.loads(args.sources), os.path.join(parent, tag)) is None:
+        return 1
+    dest = os.path.join(out, "export-" + tag)
+    shutil.rmtree(dest, ignore_errors=True)
+    proc = subprocess.run([sys.executable, args.script, "--checkpoint", parent, "--tag", tag, "--model", args.model,
+                           "--output", dest], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    shutil.rmtree(parent, ignore_errors=True)
+    if proc.returncode != 0:
+        errors = [ln for ln in proc.stderr.splitlines() if "dsfleet-export: error" in ln]
+        _say("export: " + " ".join(errors or proc.stderr.strip().splitlines()[-5:]))
+        return 1
+    result = _last_json(proc.stdout) or {}
+    result["seconds"] = round(time.time() - start, 1)
+    print(json.dumps(result))
     return 0
 
 
@@ -663,6 +703,13 @@ def main(argv=None):
     p.add_argument("--sources", required=True)
     p.add_argument("--targets", required=True)
     p.set_defaults(func=cmd_universal)
+    p = sub.add_parser("export")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--sources", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--script", required=True, help="the training module's export_hf.py")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("stage")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--preflight", required=True, help="JSON {argv, env, cwd} of the training module's preflight")
