@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 """Action dsfleet_bundle: pack what a run needs on every host into one tar.gz on the controller.
 
-One file to ship per host, one command to unpack it (the plan's ``commands.stage``): the training module
+One bundle, handed to one command per host on its stdin (the plan's ``commands.stage``): the training module
 (``code/train/``), the host supervisor (``code/`` + the node file's name) and the run's rendered files
 (``runs/<run_id>/``: plan.json, hostfile, ds_config.json, .deepspeed_env, replicas.json, and an empty ``out/``),
 laid out as they lie under each host's dsfleet home. Runs on the controller only.
@@ -15,6 +15,7 @@ laid out as they lie under each host's dsfleet home. Runs on the controller only
         files: [plan.json, hostfile, ds_config.json, .deepspeed_env, replicas.json]
 """
 
+import base64
 import io
 import os
 import tarfile
@@ -60,5 +61,7 @@ class ActionModule(ActionBase):
             size = bundle(a["dest"], a["run_id"], a["run_files"], a["code"], a["node"], list(a["files"]))
         except OSError as exc:
             raise AnsibleActionFail("cannot write the run bundle %s: %s" % (a["dest"], exc)) from exc
-        result.update(changed=True, dest=a["dest"], size=size)
+        with open(a["dest"], "rb") as f:
+            content = base64.b64encode(f.read()).decode("ascii")
+        result.update(changed=True, dest=a["dest"], size=size, content_b64=content)
         return result

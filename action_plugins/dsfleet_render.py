@@ -8,6 +8,7 @@ A file whose content is unchanged is not rewritten. Runs on the controller only.
     - dsfleet_render:
         plan: "{{ dsfleet_plan }}"
         dest: runs/<id>
+        started: true       # instead: only started.json, the layout whose ranks started (a resume reads it)
 """
 
 import os
@@ -23,11 +24,12 @@ from ansible.plugins.action import ActionBase  # noqa: E402
 from dsfleet_core import render  # noqa: E402
 
 
-def write(dest, plan):
-    """Write every file; returns the names that changed."""
+def write(dest, plan, started=False):
+    """Write every file (or only started.json); returns the names that changed."""
     os.makedirs(dest, exist_ok=True)
     changed = []
-    for name, text in render.files(plan).items():
+    todo = {"started.json": render.started(plan)} if started else render.files(plan)
+    for name, text in todo.items():
         path = os.path.join(dest, name)
         try:
             with open(path) as f:
@@ -52,7 +54,7 @@ class ActionModule(ActionBase):
         if not isinstance(plan, dict) or not dest:
             raise AnsibleActionFail("dsfleet_render needs plan (the dsfleet plan) and dest (the run directory)")
         try:
-            changed = write(dest, plan)
+            changed = write(dest, plan, bool(self._task.args.get("started")))
         except (OSError, ValueError) as exc:
             raise AnsibleActionFail("cannot write the run's files into %s: %s" % (dest, exc)) from exc
         result.update(changed=bool(changed), written=changed, dest=dest)

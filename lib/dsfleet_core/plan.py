@@ -435,7 +435,6 @@ def host_paths(home, venv, run_id):
         "log": run_dir + "/node.log", "metrics": run_dir + "/out/metrics.jsonl",
         "hostfile": run_dir + "/hostfile", "ds_config": run_dir + "/ds_config.json",
         "replicas": run_dir + "/replicas.json",
-        "bundle": "%s/.bundle-%s.tar.gz" % (home, run_id),
     }
 
 
@@ -485,14 +484,13 @@ def _device_spec(plan, host):
     return "%s:%s" % (plan["accelerator"], ",".join(map(str, host["devices"])))
 
 
-# Staging is one command per host: unpack the bundle (code/, runs/<id>/) into the dsfleet home, then the
-# supervisor's `stage` verb checks the model, the data, the master port and the checkpoints in one go.
-UNPACK = ("import os, sys, subprocess, tarfile\n"
-          "bundle, home = sys.argv[1], sys.argv[2]\n"
-          "with tarfile.open(bundle) as tar:\n"
-          "    tar.extractall(home, **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))\n"
-          "os.remove(bundle)\n"
-          "sys.exit(subprocess.call(sys.argv[3:]))\n")
+# Staging is one command per host: the bundle (code/, runs/<id>/; base64 on stdin) is unpacked into the dsfleet
+# home, then the supervisor's `stage` verb checks the model, the data, the master port and the checkpoints.
+UNPACK = ("import base64, io, subprocess, sys, tarfile\n"
+          "data = io.BytesIO(base64.b64decode(sys.stdin.buffer.read()))\n"
+          "with tarfile.open(fileobj=data) as tar:\n"
+          "    tar.extractall(sys.argv[1], **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))\n"
+          "sys.exit(subprocess.call(sys.argv[2:]))\n")
 
 
 def _node(paths, verb, *args):
@@ -527,7 +525,7 @@ def add_processes(plan, records):
                      "env": dict(env), "cwd": paths["run_dir"]}
         host["commands"] = {
             "preflight": preflight,
-            "stage": {"argv": [paths["python"], "-c", UNPACK, paths["bundle"], paths["home"]]
+            "stage": {"argv": [paths["python"], "-c", UNPACK, paths["home"]]
                       + _node(paths, "stage", "--preflight", json.dumps(preflight))
                       + (["--port", str(plan["master"]["port"])] if is_master else [])
                       + (["--checkpoints"] if plan["training"]["resume"] else [])},

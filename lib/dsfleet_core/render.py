@@ -35,3 +35,8 @@ def deepspeed_env(plan):
 def files(plan):
     return {"plan.json": _json(plan), "hostfile": hostfile(plan), "ds_config.json": _json(plan["ds_config"]),
             ".deepspeed_env": deepspeed_env(plan), "replicas.json": _json(plan["replicas"])}
+
+
+def started(plan):
+    """started.json: the layout whose ranks started; a later resume on another layout converts the checkpoint."""
+    return _json(plan["layout"])

@@ -1,5 +1,6 @@
 """The per-host supervisor (roles/launch/files/dsfleet_node.py, stdlib only) with real processes: it outlives the
 caller, reports progress, and stops a run whose ranks stall or never start, saying why."""
+import base64
 import io
 import json
 import os
@@ -165,8 +166,8 @@ def test_a_tag_travels_by_pack_and_receive_whole_or_not_at_all(run_dir, tmp_path
 
 
 def test_stage_unpacks_the_bundle_and_runs_every_check_in_one_call(tmp_path):
-    """The plan's commands.stage on a host: the bundle (action_plugins/dsfleet_bundle.py) is unpacked into the
-    dsfleet home, then preflight, port and checkpoints come back as one JSON object."""
+    """The plan's commands.stage on a host: the bundle (action_plugins/dsfleet_bundle.py) comes on stdin and is
+    unpacked into the dsfleet home, then preflight, port and checkpoints come back as one JSON object."""
     sys.path.insert(0, str(ROOT / "action_plugins"))
     import dsfleet_bundle
 
@@ -187,14 +188,17 @@ def test_stage_unpacks_the_bundle_and_runs_every_check_in_one_call(tmp_path):
     plan = P.make_plan([record], {"run_id": "r1", "resume": "r1", "master_port": 29999})
     me = plan["hosts"][0]
     paths, argv = me["paths"], list(me["commands"]["stage"]["argv"])
-    dsfleet_bundle.bundle(paths["bundle"], "r1", str(run_files), str(ROOT / "train"), str(NODE),
+    bundle = tmp_path / "bundle.tar.gz"
+    dsfleet_bundle.bundle(str(bundle), "r1", str(run_files), str(ROOT / "train"), str(NODE),
                           ["plan.json", "hostfile", "ds_config.json", ".deepspeed_env", "replicas.json"])
     # the plan's own command, with a stand-in preflight (the real one is the e2e tier's)
     preflight = {"argv": [sys.executable, "-c", "import json; print(json.dumps({'ok': True}))"], "env": {"X": "1"},
                  "cwd": paths["run_dir"]}
     argv[argv.index("--preflight") + 1] = json.dumps(preflight)
     assert argv[0] == paths["python"] and "--port" in argv and "--checkpoints" in argv
-    got = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    # the bundle comes on stdin, base64, as the stage task hands it over
+    got = subprocess.run(argv, input=base64.b64encode(bundle.read_bytes()).decode() + "\n", capture_output=True,
+                         text=True, timeout=60)
     assert got.returncode == 0, got.stderr
     result = json.loads(got.stdout)
     assert result["preflight"] == {"rc": 0, "result": {"ok": True}, "error": ""}
@@ -202,7 +206,6 @@ def test_stage_unpacks_the_bundle_and_runs_every_check_in_one_call(tmp_path):
     assert os.path.isfile(paths["train"]) and os.path.isfile(paths["node"]) and os.path.isdir(paths["out"])
     assert sorted(os.listdir(paths["run_dir"])) == [".deepspeed_env", "ds_config.json", "hostfile", "out", "plan.json",
                                                     "replicas.json"]
-    assert not os.path.exists(paths["bundle"])
     # a failing preflight's error line comes back, the call itself still succeeds
     bad = dict(preflight, argv=[sys.executable, "-c",
                                 "import sys; sys.stderr.write('noise\\ndsfleet-train: error: no model. Fix it\\n'); sys.exit(2)"])

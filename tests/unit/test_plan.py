@@ -494,8 +494,8 @@ def test_staging_is_one_command_per_host():
     plan = _two_host_plan()
     a, b = (h["commands"]["stage"]["argv"] for h in plan["hosts"])
     paths = plan["hosts"][0]["paths"]
-    assert a[:5] == [paths["python"], "-c", P.UNPACK, paths["bundle"], paths["home"]]
-    assert a[5:8] == [paths["python"], paths["node"], "stage"]
+    assert a[:4] == [paths["python"], "-c", P.UNPACK, paths["home"]]
+    assert a[4:7] == [paths["python"], paths["node"], "stage"]
     assert json.loads(a[a.index("--preflight") + 1]) == plan["hosts"][0]["commands"]["preflight"]
     assert a[a.index("--port") + 1] == str(plan["master"]["port"]) and "--port" not in b   # the master's only
     assert "--checkpoints" not in a
