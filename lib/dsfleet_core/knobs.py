@@ -81,8 +81,9 @@ KNOB_LIST = (
     Knob("save_every_minutes", float, 30.0, "train", "also checkpoint whenever this many minutes passed since the "
          "last checkpoint (0: off); a rank that gets SIGTERM checkpoints too", minimum=0.0),
     Knob("keep_checkpoints", int, 2, "train", "complete checkpoints kept on each host (0: all)", minimum=0),
-    Knob("resume", str, "", "train", "a run id: continue that run from its newest checkpoint complete on every host "
-         "(same hosts: exactly where it stopped)", shown="none"),
+    Knob("resume", str, "", "train", "a run id: continue that run from its newest checkpoint (same layout: exactly "
+         "where it stopped; a host gone or added, other slots: through a universal checkpoint gathered from the "
+         "hosts' shards and their copies)", shown="none"),
     Knob("zero_stage", int, 2, "deepspeed", "ZeRO stage", choices=(0, 1, 2, 3)),
     Knob("offload", str, "none", "deepspeed", "`cpu`: optimizer states on the CPU (DeepSpeed's CPU Adam, same "
          "AdamW settings as without offload)", choices=("none", "cpu")),
