@@ -224,9 +224,21 @@ def test_status_then_stop_leaves_nothing_and_resume_continues(cluster, tmp_path)
     resumed = run_playbook("launch.yml", dict(VARS, resume=run_id, max_steps=halt + 5), inventory=cluster.inventory,
                            envvars={"ANSIBLE_SSH_CONTROL_PATH_DIR": str(tmp_path / "cp2")})
     assert resumed.rc == 0, resumed.stdout[-4000:]
-    assert "resuming from step %d" % halt in resumed.stdout
+    assert "resuming from step %d, complete on every host (the same layout: exact)" % halt in resumed.stdout
     summary = json.loads((RUNS / run_id / "summary.json").read_text())
     assert summary["steps"] == halt + 5
+    # h3 left out: 3 ranks -> 2. h1 takes rank 0 from its own shards and rank 2 from the copy h3 sent it, pulls
+    # rank 1 from h2 over ssh, converts, and ships the universal checkpoint to h2
+    smaller = run_playbook("launch.yml", dict(VARS, resume=run_id, max_steps=halt + 10, exclude="h3"),
+                           inventory=cluster.inventory, envvars={"ANSIBLE_SSH_CONTROL_PATH_DIR": str(tmp_path / "cp3")})
+    assert smaller.rc == 0, smaller.stdout[-4000:]
+    assert ("resuming from step %d, written by 3 rank(s), now 2: gathering on h1 (h1: ranks 0; h1 (replica of h3): "
+            "ranks 2; h2: ranks 1)" % (halt + 5)) in smaller.stdout, smaller.stdout[-4000:]
+    universal = (home(cluster, "h2") / ".dsfleet" / "runs" / run_id / "out" / "checkpoint"
+                 / ("global_step%d_universal" % (halt + 5)))
+    assert (universal / ".dsfleet-complete").is_file() and (universal / "zero").is_dir()
+    summary = json.loads((RUNS / run_id / "summary.json").read_text())
+    assert summary["steps"] == halt + 10 and [h["name"] for h in summary["hosts"]] == ["h1", "h2"]
 
 
 LOGITS = """
