@@ -18,6 +18,7 @@ import uuid
 
 import pytest
 
+from dsfleet_ckpt import rank_of_file
 from helpers import ROOT, RUNS, run_playbook
 
 sys.path.insert(0, str(ROOT / "tests" / "rig"))
@@ -258,7 +259,7 @@ def test_a_zero3_run_on_three_hosts_exports_from_its_scattered_shards(cluster, t
     assert result.rc == 0, result.stdout[-3000:]
     for rank, host in enumerate(cluster.names):
         tag = home(cluster, host) / ".dsfleet" / "runs" / run_id / "out" / "checkpoint" / "global_step6"
-        ranks = {int(p.name.split("_")[2]) for p in tag.glob("zero_pp_rank_*_optim_states.pt")}
+        ranks = {rank_of_file(p.name) for p in tag.glob("*_optim_states.pt")}
         assert ranks == {rank}, (host, sorted(p.name for p in tag.iterdir()))
     exported = operate(cluster, tmp_path, "playbooks/export.yml", run_id)
     assert exported.rc == 0, exported.stdout[-4000:]
