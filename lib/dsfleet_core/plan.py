@@ -550,8 +550,6 @@ def add_processes(plan, records):
             "export": {"argv": _node(paths, "export", "--model", plan["training"]["model"], "--script",
                                      paths["code"] + "/train/export_hf.py")} if is_master else None,
             "ps": {"argv": _node(paths, "ps")},
-            "port_check": {"argv": [paths["python"], paths["node"], "port-free", "--port",
-                                    str(plan["master"]["port"])]} if is_master else None,
         }
     master = plan["hosts"][0]
     plan["deepspeed_env"] = _process_env(plan, master, master["paths"], common=True)

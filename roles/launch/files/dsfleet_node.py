@@ -19,7 +19,6 @@
     dsfleet_node.py universal --run-dir D --step S --sources JSON --targets JSON
                                     on the new master: gather one copy of every rank's files of tag S, convert
                                     them with ds_to_universal into <tag>_universal and send that to every target
-    dsfleet_node.py port-free --port P                  exit 0 if TCP port P can be bound here, else 1
     dsfleet_node.py export --run-dir D --step S --sources JSON --model M --script export_hf.py
                                     gather every rank's files of tag S here, write D/out/export-<tag>/ from them
     dsfleet_node.py stage --run-dir D --preflight JSON [--port P] [--checkpoints]
@@ -592,12 +591,6 @@ def _port_free(port):
     return {"port": port, "free": True}
 
 
-def cmd_port_free(args):
-    found = _port_free(args.port)
-    print(json.dumps(found))
-    return 0 if found["free"] else 1
-
-
 def cmd_stage(args):
     """A host's staging checks in one call (the controller judges the result; this always exits 0)."""
     run_dir = os.path.abspath(args.run_dir)
@@ -716,9 +709,6 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=None, help="the master port to find free (on the master)")
     p.add_argument("--checkpoints", action="store_true", help="list the checkpoints held here (resume)")
     p.set_defaults(func=cmd_stage)
-    p = sub.add_parser("port-free")
-    p.add_argument("--port", type=int, required=True)
-    p.set_defaults(func=cmd_port_free)
     args = parser.parse_args(argv)
     return args.func(args)
 
