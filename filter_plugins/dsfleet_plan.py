@@ -14,6 +14,7 @@ if _LIB not in sys.path:
 
 from ansible.errors import AnsibleFilterError  # noqa: E402
 
+from dsfleet_core import infer as _infer  # noqa: E402
 from dsfleet_core import knobs as _knobs  # noqa: E402
 from dsfleet_core import plan as _plan  # noqa: E402
 from dsfleet_core import raising  # noqa: E402
@@ -37,4 +38,7 @@ class FilterModule(object):
             "dsfleet_interfaces": _adapt(_plan.interfaces),
             "dsfleet_records": _adapt(_plan.records),
             "dsfleet_knob_regex": dsfleet_knob_regex,
+            "dsfleet_infer_plan": _adapt(_infer.make_infer_plan),
+            "dsfleet_infer_table": _adapt(_infer.table),
+            "dsfleet_infer_summary": _adapt(_infer.summary_lines),
         }

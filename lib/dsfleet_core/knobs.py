@@ -28,6 +28,7 @@ GROUPS = (
     ("hosts", "Which hosts and devices"),
     ("run", "How the run is started and watched"),
     ("export", "Exporting a checkpoint (playbooks/export.yml)"),
+    ("infer", "Inference (playbooks/infer.yml)"),
     ("host", "Per-host variables"),
 )
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", list: "a list (or a,b,c)",
@@ -62,7 +63,8 @@ class Knob:
 
 KNOB_LIST = (
     Knob("model", str, "tiny", "train", "`tiny` (bundled preset: small Llama config, random init, offline "
-         "tokenizer), a local model directory, or a hub id (`org/name`)"),
+         "tokenizer), a local model directory, or a hub id (`org/name`); for `infer.yml` also a run id (its "
+         "export)"),
     Knob("dataset", str, "bundled", "train", "`bundled` (train/data/corpus.txt, CC0), a "
          "`.txt`/`.jsonl`/`.json`/`.csv`/`.parquet` file, a `datasets` directory or name"),
     Knob("text_field", str, "text", "train", "field holding the text in jsonl/datasets records"),
@@ -75,7 +77,7 @@ KNOB_LIST = (
     Knob("lr", float, 3e-4, "train", "peak learning rate (AdamW, linear warmup then linear decay to 10%)",
          minimum=0.0),
     Knob("warmup_steps", int, 0, "train", "linear warmup steps", minimum=0),
-    Knob("seed", int, 1234, "train", "model init and data order"),
+    Knob("seed", int, 1234, "train", "model init and data order; `infer.yml`: the sampling seed"),
     Knob("log_every", int, 1, "train", "rank 0 writes a metrics line every N steps", minimum=1),
     Knob("save_every", int, 0, "train", "intermediate checkpoints every N steps (0: only at the end)", minimum=0),
     Knob("save_every_minutes", float, 30.0, "train", "also checkpoint whenever this many minutes passed since the "
@@ -122,10 +124,26 @@ KNOB_LIST = (
     Knob("other_vars", list, [], "run", "inventory variables that belong to other projects (names or "
          "`prefix*`), which dsfleet then does not report as unknown"),
     Knob("step", int, 0, "export", "the checkpoint step to export (0: the newest one whose every rank's shards are "
-         "found on the hosts, their own or a copy)", minimum=0),
+         "found on the hosts, their own or a copy; `infer.yml` with a run id: that step's export)", minimum=0),
     Knob("export_to", str, "controller", "export", "`controller`: fetch the Hugging Face directory into "
          "`runs/<id>/export-global_step<N>/`; `host`: leave it on the host that gathered the shards (the master)",
          choices=("controller", "host")),
+    Knob("prompt", str, "", "infer", "one prompt to complete", shown="none"),
+    Knob("prompts", str, "", "infer", "a JSON lines file on the controller, one prompt per line, in the "
+         "`prompt_field` (a string) or `messages` (a chat, a list of {role, content}); split across hosts and "
+         "replicas, results in input order", shown="none"),
+    Knob("prompt_field", str, "prompt", "infer", "field of each `prompts` line holding the prompt text"),
+    Knob("max_new_tokens", int, 64, "infer", "tokens generated per prompt at most (fewer when EOS comes)",
+         minimum=1),
+    Knob("temperature", float, 0.0, "infer", "0: greedy; above 0: sampling at this temperature", minimum=0.0),
+    Knob("top_p", float, 1.0, "infer", "nucleus sampling mass (with temperature > 0)", minimum=0.01, maximum=1.0),
+    Knob("tp", int, 0, "infer", "tensor-parallel degree on every host (0: per host, the smallest whose shards "
+         "fit its devices)", minimum=0),
+    Knob("infer_batch", int, 8, "infer", "prompts per generate() call of a replica", minimum=1),
+    Knob("chat", str, "auto", "infer", "`auto`: wrap a prompt in the tokenizer's chat template when it has one; "
+         "`on`: require one; `off`: send the text as is", choices=("auto", "on", "off")),
+    Knob("infer_timeout", int, 3600, "infer", "seconds a host may take to load the model and answer its prompts "
+         "before its ranks are stopped", minimum=10),
     Knob("gpus", str, "", "host", "devices this host may use, like `CUDA_VISIBLE_DEVICES` (`\"0,2\"`)",
          scope="host", shown="every device"),
     Knob("slots", int, None, "host", "at most N ranks on this host", minimum=1, scope="host", shown="one per "
@@ -270,6 +288,12 @@ def check_user_vars(extra_vars, sources, role_options=(), ansible_names=()):
         for name in sorted(variables):
             value = variables[name]
             if _foreign(name, patterns):
+                continue
+            if name == "_raw_params" and scope == "extra":
+                # -e prompt="a b c" reaches Ansible as prompt=a plus loose words it cannot assign
+                errors.append("-e got words that belong to no name (%r): Ansible splits -e key=value at spaces, so "
+                              "a value with spaces needs quotes Ansible sees, e.g. -e 'prompt=\"Once upon a time\"' "
+                              "or -e '{\"prompt\": \"Once upon a time\"}'" % str(value))
                 continue
             if name not in known:
                 near = closest(name, known)

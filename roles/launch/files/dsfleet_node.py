@@ -37,6 +37,7 @@ ranks on the other hosts stop too, and records why in D/node.reason.
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -599,7 +600,7 @@ def cmd_stage(args):
     try:
         proc = subprocess.run(spec["argv"], env=dict(os.environ, **spec["env"]), cwd=spec["cwd"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
-        errors = [ln for ln in proc.stderr.splitlines() if "dsfleet-train: error" in ln]
+        errors = [ln for ln in proc.stderr.splitlines() if re.search(r"dsfleet-\w+: error", ln)]
         preflight = {"rc": proc.returncode, "result": _last_json(proc.stdout),
                      "error": " ".join(errors or proc.stderr.strip().splitlines()[-5:])}
     except (OSError, subprocess.TimeoutExpired) as exc:
