@@ -161,6 +161,7 @@ def collect(plan, dest):
         hosts.append({"name": host["name"], "prompts": got, "expected": host["prompts"][1] - host["prompts"][0],
                       "tokens": tokens, "seconds": seconds, "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
                       "load_seconds": max([d["load_seconds"] for d in done] or [0]), "tp": host["tp"],
+                      "params_per_rank": max([d.get("params_per_rank", 0) for d in done] or [0]),
                       "replicas": host["replicas"], "dtype": host["dtype"]})
     missing = [i for i in range(plan["prompts"]) if i not in rows]
     ordered = [rows[i] for i in sorted(rows)]

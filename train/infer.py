@@ -1,25 +1,26 @@
 """
 Generate text with a Hugging Face causal language model through DeepSpeed inference: the dsfleet inference entry.
 
-playbooks/infer.yml runs it on every host with that host's own world (tensor parallel inside the host, data
-parallel across hosts and across the host's tensor-parallel groups); you can run it by hand the same way:
+playbooks/infer.yml runs one DeepSpeed world per replica: tp_size ranks on one host, tensor parallel across its
+devices; the replicas (several per host, on every host) split the prompts. By hand, replica 1 of 2:
 
-    OMP_NUM_THREADS=1 deepspeed --num_gpus 2 train/infer.py --model DIR --ds_config ds_inference_config.json \\
-        --prompts prompts.jsonl --output_dir out
+    OMP_NUM_THREADS=1 deepspeed --num_gpus 2 --master_port 29510 train/infer.py --model DIR \\
+        --ds_config ds_inference_config.json --prompts prompts.jsonl --output_dir out --replica 1 --replicas 2
 
 --ds_config is DeepSpeed's inference config (deepspeed.init_inference's config): {"dtype": "bf16",
-"tensor_parallel": {"tp_size": 2}, "replace_with_kernel_inject": false}. The world is split into groups of
-tp_size consecutive ranks; each group is one replica and takes every Nth prompt (N: replicas in this world).
-Automatic tensor parallelism (AutoTP) shards the model inside a group; tp_size 1 runs the plain module.
+"tensor_parallel": {"tp_size": 2}, "replace_with_kernel_inject": false}; the world must have tp_size ranks.
+Automatic tensor parallelism (AutoTP) shards the model across them; tp_size 1 runs the plain module. The
+replica takes every --replicas-th prompt from --replica on.
 
 --prompts is JSON lines: {"index": 0, "prompt": "text"} or {"index": 0, "messages": [{"role": "user", ...}]};
 with a chat template in the tokenizer (--chat auto/on) a prompt is sent as one user message, messages always
 need the template. Greedy when --temperature is 0, else sampling with --temperature/--top_p, seeded per batch
 from --seed and the batch's first prompt index, so a prompt's output does not depend on how prompts were split.
 
-Outputs in --output_dir, written by the first rank of each replica, one line per prompt, flushed per batch:
+Outputs in --output_dir, written by rank 0 of the replica, one line per prompt, flushed per batch:
     generations-<replica>.jsonl   {"index", "prompt", "output", "tokens", "prompt_tokens", "seconds", "replica"}
-    done-<replica>.json           {"replica", "prompts", "tokens", "seconds", "load_seconds", "tp_size", "dtype"}
+    done-<replica>.json           {"replica", "prompts", "tokens", "seconds", "load_seconds", "tp_size", "dtype",
+                                   "params_per_rank" (what this rank holds after AutoTP sharded the model)}
 
 Check the inputs without torch (no weights loaded): --preflight prints {"ok": true, ...} and exits 0.
 Bad input exits 2 with one line on stderr: "dsfleet-infer: error: <what is wrong>. <how to fix>".
@@ -59,9 +60,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch", type=int, default=8, help="prompts per generate() call of a replica")
     p.add_argument("--chat", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--replica", type=int, default=0, help="this world's replica: it takes prompts[replica::replicas]")
+    p.add_argument("--replicas", type=int, default=1, help="replicas answering this prompts file")
     p.add_argument("--preflight", action="store_true")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher passes it
     a = p.parse_args(argv)
+    if not 0 <= a.replica < a.replicas:
+        fail(f"--replica {a.replica} is not below --replicas {a.replicas}", "Number the replicas 0..N-1")
     if a.max_new_tokens < 1 or a.batch < 1:
         fail("--max_new_tokens and --batch must be 1 or more", "Pass positive numbers")
     if a.temperature < 0 or not 0 < a.top_p <= 1:
@@ -127,38 +132,6 @@ def prompt_text(tokenizer, rec, chat):
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-class _Groups:
-    """The `mpu` DeepSpeed's inference engine asks for its tensor-parallel group (one per replica)."""
-
-    def __init__(self, dist, tp):
-        world, rank = dist.get_world_size(), dist.get_rank()
-        self.tp, self.replica, self.replicas = tp, rank // tp, world // tp
-        self.group = None
-        for r in range(self.replicas):  # every rank creates every group, in the same order
-            group = dist.new_group(list(range(r * tp, (r + 1) * tp)))
-            if r == self.replica:
-                self.group = group
-        self.dist = dist
-
-    def get_model_parallel_group(self):
-        return self.group
-
-    def get_model_parallel_world_size(self):
-        return self.tp
-
-    def get_model_parallel_rank(self):
-        return self.dist.get_rank(group=self.group)
-
-    def get_data_parallel_world_size(self):
-        return self.replicas
-
-    def get_data_parallel_rank(self):
-        return self.replica
-
-    def get_data_parallel_group(self):
-        return None
-
-
 def run(args):
     import datetime
 
@@ -175,15 +148,16 @@ def run(args):
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=300))
     dist = deepspeed.comm
     world, rank = dist.get_world_size(), dist.get_rank()
-    if world % tp:
-        fail(f"world size {world} is not a multiple of tp_size {tp}", "Start tp_size x replicas ranks")
+    if world != tp:
+        # one world per replica: on CPU DeepSpeed's shared-memory all-reduce spans the whole world whatever the
+        # group, so two tensor-parallel groups in one world would mix their sums
+        fail(f"the world has {world} rank(s) but tp_size is {tp}", f"Start {tp} rank(s) per replica (--num_gpus {tp}) "
+             "and give each replica its --replica index")
     out = Path(args.output_dir)
-    if rank == 0:  # this host's world owns the folder: nothing of an earlier attempt stays to be gathered
+    if rank == 0:  # nothing of an earlier attempt of this replica stays to be gathered
         out.mkdir(parents=True, exist_ok=True)
-        for old in list(out.glob("generations-*.jsonl")) + list(out.glob("done-*.json")):
-            old.unlink()
-    dist.barrier()
-    groups = _Groups(dist, tp)
+        for old in (out / f"generations-{args.replica}.jsonl", out / f"done-{args.replica}.json"):
+            old.unlink(missing_ok=True)
     torch.manual_seed(args.seed)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.get("dtype", "fp32")]
     tokenizer = AutoTokenizer.from_pretrained(info["dir"])
@@ -191,17 +165,15 @@ def run(args):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(info["dir"], dtype=dtype).eval()
-    ds_cfg = dict(cfg)
-    ds_cfg["tensor_parallel"] = {"tp_size": tp, **({"mpu": groups} if tp > 1 else {})}
-    engine = deepspeed.init_inference(model, config=ds_cfg)
+    engine = deepspeed.init_inference(model, config=cfg)
     module = engine.module
     device = get_accelerator().current_device_name() if get_accelerator().device_name() != "cpu" else "cpu"
     load_s = time.time() - t_start
 
     prompts = read_prompts(args.prompts)
-    mine = prompts[groups.replica::groups.replicas]
-    leader = groups.get_model_parallel_rank() == 0
-    gen_path = out / f"generations-{groups.replica}.jsonl"
+    mine = prompts[args.replica::args.replicas]
+    leader = rank == 0
+    gen_path = out / f"generations-{args.replica}.jsonl"
     total_tokens, gen_s = 0, 0.0
     eos = tokenizer.eos_token_id
     with open(gen_path, "w") if leader else open(os.devnull, "w") as sink:
@@ -231,13 +203,14 @@ def run(args):
                 line = {"index": rec["index"], "prompt": rec.get("prompt", rec.get("messages")),
                         "output": tokenizer.decode(new, skip_special_tokens=True), "tokens": len(new),
                         "prompt_tokens": int(enc["attention_mask"][i].sum()), "seconds": round(seconds, 4),
-                        "replica": groups.replica}
+                        "replica": args.replica}
                 sink.write(json.dumps(line) + "\n")
             sink.flush()
     if leader:
-        (out / f"done-{groups.replica}.json").write_text(json.dumps({
-            "replica": groups.replica, "prompts": len(mine), "tokens": total_tokens, "seconds": round(gen_s, 4),
-            "load_seconds": round(load_s, 3), "tp_size": tp, "dtype": cfg.get("dtype", "fp32"), "rank": rank}) + "\n")
+        (out / f"done-{args.replica}.json").write_text(json.dumps({
+            "replica": args.replica, "prompts": len(mine), "tokens": total_tokens, "seconds": round(gen_s, 4),
+            "load_seconds": round(load_s, 3), "tp_size": tp, "dtype": cfg.get("dtype", "fp32"), "rank": rank,
+            "params_per_rank": sum(p.numel() for p in module.parameters())}) + "\n")
     dist.barrier()
     return 0
 

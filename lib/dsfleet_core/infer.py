@@ -13,8 +13,8 @@ knobs, what ``train/dsfleet_modelinfo.py`` read of the model (config, exact para
   full copy while it loads (the model is read whole into host memory, then sharded);
 - its slice of the prompts, in order, in proportion to its replicas.
 
-Each host runs its own DeepSpeed world (``deepspeed --num_gpus N`` on 127.0.0.1): no traffic between hosts, so
-hosts of different vendors and sizes serve one prompts file together. A host the model does not fit is left out
+Each replica is its own DeepSpeed world (``deepspeed`` on 127.0.0.1, its own port and devices): no traffic between
+hosts or replicas, so hosts of different vendors and sizes serve one prompts file together. A host the model does not fit is left out
 and says why; a forced ``tp`` a host cannot take is an error before anything starts.
 """
 
@@ -303,19 +303,28 @@ def _processes(plan, host):
     env = {"PATH": paths["bin"] + ":" + (record.get("path") or P.SYSTEM_PATH), "DS_ACCELERATOR": host["ds_accelerator"],
            "PYTHONUNBUFFERED": "1"}
     env.update(host["env"])
-    launcher = [paths["deepspeed"], "--master_addr", "127.0.0.1", "--master_port", str(plan["master_port"])]
-    if host["devices"] is not None and host["devices"] != list(range(host["ranks"])):
-        launcher += ["--include", "localhost:" + ",".join(map(str, host["devices"]))]
-    else:
-        launcher += ["--num_gpus", str(host["ranks"])]
+    # one DeepSpeed world per replica: tp ranks on their own devices and port (see train/infer.py for why)
+    worlds, ports = [], []
+    for r in range(host["replicas"]):
+        port = plan["master_port"] + r
+        launcher = [paths["deepspeed"], "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        if host["devices"] is not None:
+            launcher += ["--include", "localhost:" + ",".join(map(str, host["devices"][r * host["tp"]:(r + 1) * host["tp"]]))]
+        else:
+            launcher += ["--num_gpus", str(host["tp"])]
+        worlds.append(launcher + [paths["infer"]] + args + ["--replica", str(r), "--replicas", str(host["replicas"])])
+        ports.append(port)
+    host["ports"] = ports
     preflight = {"argv": [paths["python"], paths["infer"], "--preflight"] + args, "env": dict(env),
                  "cwd": paths["run_dir"]}
     host["commands"] = {
         "stage": {"argv": [paths["python"], "-c", P.UNPACK, home]
-                  + P._node(paths, "stage", "--preflight", json.dumps(preflight), "--port", str(plan["master_port"]))},
-        # bounded: a rank that hangs is stopped (TERM, then KILL 30 s later) and the host reports it
-        "infer": {"argv": ["timeout", "-k", "30", str(plan["timeout"])] + launcher + [paths["infer"]] + args,
+                  + P._node(paths, "stage", "--preflight", json.dumps(preflight), "--ports", ",".join(map(str, ports)))},
+        # bounded: a replica that hangs is stopped (TERM, then KILL 30 s later) and the host reports it
+        "infer": {"argv": ["timeout", "-k", "30", str(plan["timeout"])] + P._node(paths, "together", "--specs",
+                                                                                    json.dumps(worlds)),
                   "env": env, "cwd": paths["run_dir"]},
+        "worlds": worlds,
     }
     host["ds_inference_config"] = ds_inference_config(host)
 

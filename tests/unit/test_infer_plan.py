@@ -51,8 +51,15 @@ def test_a_7b_model_takes_one_device_where_it_fits_and_two_where_it_does_not():
     assert ws["ds_inference_config"] == {"dtype": "bf16", "tensor_parallel": {"tp_size": 1},
                                          "replace_with_kernel_inject": False}
     argv = old["commands"]["infer"]["argv"]
-    assert argv[:4] == ["timeout", "-k", "30", "3600"]
-    assert argv[argv.index("--num_gpus") + 1] == "4" and "--master_addr" in argv and "127.0.0.1" in argv
+    assert argv[:4] == ["timeout", "-k", "30", "3600"] and argv[argv.index("--specs") + 1] == json.dumps(
+        old["commands"]["worlds"])
+    # one world per replica: two worlds of two V100s each, on their own ports
+    worlds = old["commands"]["worlds"]
+    assert [(w[w.index("--include") + 1], w[w.index("--master_port") + 1], w[w.index("--replica") + 1]) for w in worlds] \
+        == [("localhost:0,1", "29500", "0"), ("localhost:2,3", "29501", "1")]
+    assert all(w[w.index("--master_addr") + 1] == "127.0.0.1" and w[-1] == "2" for w in worlds)
+    stage = old["commands"]["stage"]["argv"]
+    assert stage[stage.index("--ports") + 1] == "29500,29501"
 
 
 def test_a_70b_model_needs_four_a100s_and_no_v100_box_can_hold_it():
@@ -120,8 +127,8 @@ def test_fewer_prompts_than_hosts_leaves_hosts_out_and_subsets_of_devices_use_in
     assert [h["name"] for h in p["hosts"]] == ["a"]
     assert p["excluded"] == [{"name": "b", "reason": "no prompt left for it (1 prompt(s))"}]
     odd = host("g", 11, [A100(1), A100(3)])
-    argv = plan([odd], model(LLAMA2_7B, 6738415616), count=4)["hosts"][0]["commands"]["infer"]["argv"]
-    assert argv[argv.index("--include") + 1] == "localhost:1,3" and "--num_gpus" not in argv
+    worlds = plan([odd], model(LLAMA2_7B, 6738415616), count=4)["hosts"][0]["commands"]["worlds"]
+    assert [w[w.index("--include") + 1] for w in worlds] == ["localhost:1", "localhost:3"]
 
 
 def test_split_is_in_order_proportional_and_total():
@@ -138,9 +145,10 @@ def test_the_local_host_reads_the_model_where_it_is_and_others_get_it_shipped():
     loc, w = by_name(p)["localhost"], by_name(p)["w"]
     assert loc["paths"]["model"] == "/models/m" and not loc["ship_model"]
     assert w["paths"]["model"] == "/home/u/.dsfleet/models/" + I.model_key("/models/m") and w["ship_model"]
-    assert "--model" in w["commands"]["infer"]["argv"]
+    world = w["commands"]["worlds"][0]
+    assert world[world.index("--model") + 1] == w["paths"]["model"] and world[world.index("--num_gpus") + 1] == "1"
     stage = w["commands"]["stage"]["argv"]
-    assert stage[stage.index("--port") + 1] == "29500"
+    assert stage[stage.index("--ports") + 1] == "29500,29501"
     assert json.loads(stage[stage.index("--preflight") + 1])["argv"][2] == "--preflight"
     assert "left out" not in "\n".join(I.table(p))
 

@@ -21,9 +21,14 @@
                                     them with ds_to_universal into <tag>_universal and send that to every target
     dsfleet_node.py export --run-dir D --step S --sources JSON --model M --script export_hf.py
                                     gather every rank's files of tag S here, write D/out/export-<tag>/ from them
-    dsfleet_node.py stage --run-dir D --preflight JSON [--port P] [--checkpoints]
-                                    JSON: the preflight's result (JSON: {argv, env, cwd}), whether port P is free,
-                                    the checkpoints held here: every check of a host's staging in one call
+    dsfleet_node.py stage --run-dir D --preflight JSON [--port P] [--ports P,Q] [--checkpoints]
+                                    JSON: the preflight's result (JSON: {argv, env, cwd}), whether port P is free
+                                    (and each of --ports), the checkpoints held here: every check of a host's
+                                    staging in one call
+    dsfleet_node.py together --run-dir D --specs JSON
+                                    run every argv of SPECS ([argv, ...]) at once, each logging to
+                                    D/together-<i>.log; wait for all; JSON {rc, runs: [{rc, tail}]}; exit: the worst
+                                    rc (infer.yml: one DeepSpeed world per replica)
 
 The run directory's path is the run's marker: every rank's command line contains it (its --output_dir), so `stop`
 and `ps` find ranks started by DeepSpeed's pdsh runner too, by PID, never by process name.
@@ -605,9 +610,40 @@ def cmd_stage(args):
                      "error": " ".join(errors or proc.stderr.strip().splitlines()[-5:])}
     except (OSError, subprocess.TimeoutExpired) as exc:
         preflight = {"rc": 127, "result": None, "error": str(exc)}
+    ports = [_port_free(int(p)) for p in (args.ports or "").split(",") if p.strip()]
     print(json.dumps({"preflight": preflight, "port": _port_free(args.port) if args.port else None,
+                      "ports": ports, "ports_free": all(p["free"] for p in ports),
                       "checkpoints": ckpt.listing(os.path.join(run_dir, "out")) if args.checkpoints else None}))
     return 0
+
+
+def cmd_together(args):
+    """Run every argv at once (each its own process group), wait for all, report each one's rc and log tail."""
+    run_dir = os.path.abspath(args.run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    procs = []
+    for i, argv in enumerate(json.loads(args.specs)):
+        log = open(os.path.join(run_dir, "together-%d.log" % i), "w")
+        procs.append((subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
+
+    def forward(signum, _frame):
+        for proc, _ in procs:
+            try:
+                os.killpg(proc.pid, signum)
+            except OSError:
+                pass
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    runs = []
+    for i, (proc, log) in enumerate(procs):
+        rc = proc.wait()
+        log.close()
+        with open(os.path.join(run_dir, "together-%d.log" % i), errors="replace") as f:
+            tail = f.read().splitlines()[-20:]
+        runs.append({"rc": rc, "tail": tail})
+    worst = max((abs(r["rc"]) for r in runs), default=0)
+    print(json.dumps({"rc": worst, "runs": runs}))
+    return min(worst, 255)
 
 
 def cmd_export(args):
@@ -708,8 +744,13 @@ def main(argv=None):
     p.add_argument("--run-dir", required=True)
     p.add_argument("--preflight", required=True, help="JSON {argv, env, cwd} of the training module's preflight")
     p.add_argument("--port", type=int, default=None, help="the master port to find free (on the master)")
+    p.add_argument("--ports", default="", help="more ports to find free, comma-separated")
     p.add_argument("--checkpoints", action="store_true", help="list the checkpoints held here (resume)")
     p.set_defaults(func=cmd_stage)
+    p = sub.add_parser("together")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--specs", required=True, help="JSON list of argv lists, run at once")
+    p.set_defaults(func=cmd_together)
     args = parser.parse_args(argv)
     return args.func(args)
 
