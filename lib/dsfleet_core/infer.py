@@ -369,5 +369,6 @@ def summary_lines(summary, first, dest):
                         h["tp"], h["replicas"], h["dtype"], h["load_seconds"]))
     for row in first:
         prompt = row["prompt"] if isinstance(row["prompt"], str) else json.dumps(row["prompt"])
-        lines.append("[%d] %s -> %s" % (row["index"], prompt[:60], row["output"][:120].replace("\n", " ")))
+        text = "".join(c if c.isprintable() else " " for c in row["output"][:120])
+        lines.append("[%d] %s -> %s" % (row["index"], prompt[:60], text))
     return lines

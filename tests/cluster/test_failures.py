@@ -275,6 +275,34 @@ def test_a_zero3_run_on_three_hosts_exports_from_its_scattered_shards(cluster, t
     diff = json.loads(same.stdout.splitlines()[-1])
     assert diff["scale"] > 0 and diff["max_diff"] <= 1e-5 * diff["scale"], diff
 
+    # inference from the run id: the export is shipped to every host; 20 prompts over 3 hosts come back in order
+    prompts = tmp_path / "prompts.jsonl"
+    words = ["alpha", "beta", "gamma", "delta", "one two", "the river", "a cat", "my name", "we went", "long ago"]
+    prompts.write_text("".join(json.dumps({"text": "%s %d" % (words[i % 10], i)}) + "\n" for i in range(20)))
+    env = {"ANSIBLE_SSH_CONTROL_PATH_DIR": str(tmp_path / "cp")}
+    ask = dict(VARS, model=run_id, prompts=str(prompts), prompt_field="text", max_new_tokens=12, precision="fp32")
+    spread = run_playbook("playbooks/infer.yml", dict(ask, run_id="ask-" + run_id, master_port=29620),
+                          inventory=cluster.inventory, envvars=env)
+    assert spread.rc == 0, spread.stdout[-5000:]
+    assert "exporting step" not in spread.stdout  # the export above is used
+    rows = [json.loads(line) for line in (RUNS / ("ask-" + run_id) / "generations.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(20))
+    assert [r["prompt"] for r in rows] == ["%s %d" % (words[i % 10], i) for i in range(20)]
+    assert [r["host"] for r in rows] == ["h1"] * 7 + ["h2"] * 7 + ["h3"] * 6
+    for host in ("h2", "h3"):  # no shared filesystem: the model was copied to each host
+        shipped = list((home(cluster, host) / ".dsfleet" / "models").glob("export-global_step6-*/model.safetensors"))
+        assert len(shipped) == 1, host
+    # greedy text with the model split in two on every host (AutoTP over two CPU ranks) is the same
+    split = run_playbook("playbooks/infer.yml", dict(ask, run_id="tp2-" + run_id, master_port=29630, cpu_ranks=2,
+                                                     tp=2), inventory=cluster.inventory, envvars=env)
+    assert split.rc == 0, split.stdout[-5000:]
+    assert split.stdout.count("fp32 tp=2 x 1 replica(s) = 2 rank(s)") == 3
+    again = [json.loads(line) for line in (RUNS / ("tp2-" + run_id) / "generations.jsonl").read_text().splitlines()]
+    assert [r["output"] for r in again] == [r["output"] for r in rows]
+    assert len({r["output"] for r in rows}) > 1
+    summary = json.loads((RUNS / ("tp2-" + run_id) / "summary.json").read_text())
+    assert len(summary["hosts"]) == 3 and all(h["params_per_rank"] < 590464 for h in summary["hosts"]), summary
+
 
 def test_unreachable_host_fails_fast(cluster, tmp_path):
     # last: the host stays down. Its sshd is stopped by PID, as the rig recorded it.

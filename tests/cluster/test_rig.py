@@ -143,6 +143,10 @@ def test_private_dirs(rig):
     assert (Path(rig.host_dir("h1", "tmp")) / "rig-h1-only").exists()
     assert (Path(rig.host_dir("h1", "opt-dsfleet")) / "rig-h1-only").exists()
     assert not Path("/opt/dsfleet/rig-h1-only").exists()
+    # and /dev/shm, as on separate machines (DeepSpeed's CPU all-reduce keeps its segments there)
+    rig.run_in("h1", "touch /dev/shm/rig-h1-only", check=True)
+    assert rig.run_in("h2", "ls /dev/shm/rig-h1-only").returncode != 0
+    assert not Path("/dev/shm/rig-h1-only").exists()
     # the rest of /opt stays visible; python3 is Debian's
     assert rig.run_in("h1", "command -v python3", check=True).stdout.strip() == "/usr/bin/python3"
 

@@ -3,7 +3,7 @@
 
 Each host is a network namespace with a veth into a bridge in the root namespace (the
 controller), its own sshd (own host key, own mount + uts namespace: private /root, /tmp,
-/usr/local/bin, /opt/dsfleet, /etc/ssh, /etc/hosts) and its own hostname.
+/usr/local/bin, /opt/dsfleet, /etc/ssh, /etc/hosts, and a fresh /dev/shm) and its own hostname.
 
 CLI:
     rig.py create  --hosts N --state-dir DIR [--prefix dsf] [--subnet 10.177.53.0/24]
@@ -403,6 +403,9 @@ def _mount_script(hdir: str, name: str) -> str:
     cmds = [f"hostname {shlex.quote(name)}"]
     for key in order:
         cmds.append(f"mount --bind {shlex.quote(os.path.join(real, key))} {PRIVATE_MOUNTS[key]}")
+    # a machine's own /dev/shm: DeepSpeed's CPU all-reduce names its segments by master address and port, which
+    # every host's one-host world (127.0.0.1) shares
+    cmds.append("mount -t tmpfs -o mode=1777,size=1g dsfleet-rig-shm /dev/shm")
     cmds.append(f"exec {SSHD} -D -e -f /etc/ssh/sshd_config")
     return " && ".join(cmds)
 
