@@ -142,3 +142,17 @@ def model_info(model):
 
 if __name__ == "__main__":
     print(json.dumps(model_info(sys.argv[1])))
+
+
+def config_of(model, presets_dir):
+    """(config.json as a dict, where it was read) for a preset name, a model directory or a cached hub id; (None,
+    why not) when this machine has none of them (the model is then only on the hosts)."""
+    for where in (os.path.join(presets_dir, model), os.path.expanduser(model), hub_snapshot(model) or ""):
+        path = os.path.join(where, "config.json") if where else ""
+        if path and os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    return json.load(f), path
+            except (OSError, ValueError) as e:
+                return None, "%s cannot be read: %s" % (path, e)
+    return None, "no config.json for %s on the controller" % model

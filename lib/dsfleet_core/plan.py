@@ -159,7 +159,67 @@ def _precision(k, accelerator, chosen):
     return k["precision"]
 
 
-def make_plan(hosts, knobs=None, previous=None):
+def _sizing(k, config, plan_hosts, records, precision, accelerator):
+    """plan["sizing"]: the model's shape and what the configuration needs per device and per host, against the
+    smallest device; a configuration that cannot fit stops the plan naming the nearest one that does."""
+    from . import shape as SH
+    from . import sizing as SZ
+    if "_dsfleet_note" in config:  # the controller has no config.json for the model
+        return {"known": False, "note": "not sized: %s" % config["_dsfleet_note"]}
+    try:
+        shape = SH.model_shape(config)
+    except (SH.ShapeError, KeyError, TypeError, ValueError) as exc:
+        return {"known": False, "note": "not sized: %s" % exc}
+    kind = "cpu" if accelerator == "cpu" else "gpu"
+    world = sum(h["slots"] for h in plan_hosts)
+    per_host = max(h["slots"] for h in plan_hosts)
+    nodes = len(plan_hosts)
+    smallest = min(plan_hosts, key=lambda h: h["memory_mib"])
+    ram = {r["name"]: int(((r.get("gpu") or {}).get("cpu") or {}).get("memory_mib") or 0) for r in records}
+
+    def verdict(stage, offload, micro):
+        n = SZ.need(shape, stage, offload, micro, k["block_size"], precision, world, per_host, nodes, kind)
+        device_ok = SZ.mib(n["device"]) <= smallest["memory_mib"] * SZ.DEVICE_USE
+        host_short = [h["name"] for h in plan_hosts if ram.get(h["name"])
+                      and SZ.mib(n["host"]) > ram[h["name"]] * SZ.DEVICE_USE]
+        return n, device_ok, host_short
+
+    n, device_ok, host_short = verdict(k["zero_stage"], k["offload"], k["micro_batch"])
+    out = {"known": True, "family": shape["family"], "params": shape["params"], "params_active": shape["params_active"],
+           "largest_layer": shape["largest_layer"], "zero_stage": k["zero_stage"], "offload": k["offload"],
+           "micro_batch": k["micro_batch"], "block_size": k["block_size"], "precision": precision,
+           "model_states_mib": SZ.mib(n["model_states"]), "activations_mib": SZ.mib(n["activations"]),
+           "runtime_mib": SZ.mib(n["runtime"]), "device_mib": SZ.mib(n["device"]), "host_mib": SZ.mib(n["host"]),
+           "smallest_device": {"host": smallest["name"], "name": smallest["device_name"],
+                               "memory_mib": smallest["memory_mib"]},
+           "fits": device_ok and not host_short}
+    if out["fits"]:
+        return out
+    fitting = []
+    for c in SZ.candidates(shape, precision, k["micro_batch"], k["block_size"], world, per_host, nodes, kind):
+        if kind == "cpu" and c["offload"] == "cpu":
+            continue  # a CPU rank's device memory is the host's: offloading frees nothing
+        _, ok, short = verdict(c["zero_stage"], c["offload"], c["micro_batch"])
+        if ok and not short:
+            fitting.append(c)
+    why = ("needs %d MiB per device (model states %d, activations %d, runtime %d); the smallest, %s on %s, has %d MiB"
+           % (out["device_mib"], out["model_states_mib"], out["activations_mib"], out["runtime_mib"],
+              smallest["device_name"], smallest["name"], smallest["memory_mib"]) if not device_ok else
+           "needs %d MiB of host memory on %s to load it and hold what is offloaded" % (out["host_mib"],
+                                                                                         ", ".join(host_short)))
+    what = "%s parameters (%s), ZeRO-%d%s, %s, micro batch %d x %d tokens" % (
+        "{:,}".format(shape["params"]), shape["family"], k["zero_stage"],
+        " + offload" if k["offload"] == "cpu" else "", precision, k["micro_batch"], k["block_size"])
+    if fitting:
+        c = fitting[0]
+        _fail("the model does not fit: %s %s. The nearest configuration that fits: -e zero_stage=%d -e offload=%s "
+              "-e micro_batch=%d (%d MiB per device)" % (what, why, c["zero_stage"], c["offload"], c["micro_batch"],
+                                                          c["device_mib"]))
+    _fail("the model does not fit: %s %s, and neither does any ZeRO stage with or without offload at micro batch 1. "
+          "Add devices or hosts with more memory, shorten block_size, or exclude the smallest devices" % (what, why))
+
+
+def make_plan(hosts, knobs=None, previous=None, model=None):
     """Compute the one cluster plan from host records and the user's knobs (see module docstring).
 
     ``previous``: on resume, the layout of the plan that last started ranks for that run (its ``layout``, kept
@@ -276,6 +336,8 @@ def make_plan(hosts, knobs=None, previous=None):
     if rank == 0:
         _fail("the chosen hosts offer no ranks; check `slots`/`gpus` host vars")
     precision = _precision(k, accelerator, plan_hosts)
+    # the model's config.json, when the controller has it (the plan role reads it): memory checked before launch
+    sizing = _sizing(k, model, plan_hosts, members, precision, accelerator) if model else None
 
     # DeepSpeed's --include keeps the exact device indices when a host's devices are not 0..n-1.
     include = None
@@ -341,6 +403,7 @@ def make_plan(hosts, knobs=None, previous=None):
         "resume": resume,
         "knobs": dict(k),  # what the plan was computed from; a resumed run starts from these
         "warnings": warnings,
+        "sizing": sizing,
     }
     plan["ds_config"] = ds_config(plan)
     return add_processes(plan, members)

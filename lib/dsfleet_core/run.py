@@ -42,6 +42,19 @@ def plan_table(plan):
                          % (resume["run"], prev["world_size"], ", ".join(h["name"] for h in prev["hosts"]),
                             plan["world_size"], plan["master"]["name"],
                             "; " + resume["note"] if resume["note"] else ""))
+    sizing = plan.get("sizing")
+    if sizing and sizing.get("known"):
+        lines.append("memory: %s parameters (%s%s); ZeRO-%d%s %s, micro batch %d x %d tokens: %d MiB per device "
+                     "(model states %d, activations %d, runtime %d) of %d on the smallest (%s, %s)"
+                     % ("{:,}".format(sizing["params"]), sizing["family"],
+                        ", %s active" % "{:,}".format(sizing["params_active"])
+                        if sizing["params_active"] != sizing["params"] else "", sizing["zero_stage"],
+                        " + offload" if sizing["offload"] == "cpu" else "", sizing["precision"], sizing["micro_batch"],
+                        sizing["block_size"], sizing["device_mib"], sizing["model_states_mib"],
+                        sizing["activations_mib"], sizing["runtime_mib"], sizing["smallest_device"]["memory_mib"],
+                        sizing["smallest_device"]["host"], sizing["smallest_device"]["name"]))
+    elif sizing:
+        lines.append("memory: " + sizing["note"])
     lines += ["warning: " + w for w in plan["warnings"]]
     return lines
 

@@ -1,0 +1,108 @@
+"""The model's shape from config.json and the memory check of the plan, on published model configs and device
+mixes (tests/fixtures/configs; the counts below are what transformers builds, checked on the meta device by
+tests/e2e/test_sizing.py)."""
+import json
+import pathlib
+
+import pytest
+from test_plan import A100, RTX4090, gpu, host
+
+from dsfleet_core import PlanError
+from dsfleet_core import plan as P
+from dsfleet_core import run as R
+from dsfleet_core import shape as SH
+from dsfleet_core import sizing as SZ
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "configs"
+COUNTS = {"llama-2-7b": 6738415616, "mistral-7b": 7241732096, "mixtral-8x7b": 46702792704, "qwen2-7b": 7615616512,
+          "qwen3-8b": 8190735360, "gemma-7b": 8537680896, "gemma2-9b": 9241705984, "phi3-mini": 3821079552,
+          "falcon-7b": 6921720704, "falcon-40b": 41303293952, "opt-6.7b": 6658473984, "bloom-7b1": 7069016064,
+          "gpt-neox-20b": 20554567680, "gpt2": 124439808, "phi-2": 2779683840}
+
+
+def config(name):
+    return json.loads((CONFIGS / ("%s.json" % name)).read_text())
+
+
+@pytest.mark.parametrize("name", sorted(COUNTS))
+def test_parameters_from_the_config_alone(name):
+    shape = SH.model_shape(config(name))
+    assert shape["params"] == COUNTS[name]
+    assert shape["largest_layer"] >= shape["hidden"] ** 2 // 4 and shape["largest_layer"] < shape["params"]
+
+
+def test_mixtral_counts_its_active_parameters_apart():
+    shape = SH.model_shape(config("mixtral-8x7b"))
+    assert (shape["experts"], shape["params_active"]) == (8, 12879925248)  # two of eight experts per token
+    assert SH.model_shape(config("llama-2-7b"))["params_active"] == COUNTS["llama-2-7b"]
+
+
+def test_an_unknown_family_says_which_are_known():
+    with pytest.raises(SH.ShapeError, match="cannot size model_type 't5'.*known: bloom, falcon"):
+        SH.model_shape({"model_type": "t5", "vocab_size": 10})
+
+
+def test_model_states_are_deepspeeds_formulas():
+    p, ll = 6738415616, 131072000
+    # stage 2: 2P + 18P/N on the device; offload: 2P, and P * max(4N, 16) * 1.5 on the host
+    assert SZ.model_states(p, ll, 2, "none", 4, 4, 1, "bf16") == {"device": 2 * p + 18 * p // 4,
+                                                                    "host": int(p * 4 * 4 * 1.5)}
+    assert SZ.model_states(p, ll, 2, "cpu", 4, 4, 1, "bf16") == {"device": 2 * p, "host": int(p * 16 * 1.5)}
+    # stage 3: 4 x largest layer + 18P/N; offload: + 2P/N
+    assert SZ.model_states(p, ll, 3, "none", 8, 8, 1, "bf16")["device"] == 4 * ll + 18 * p // 8
+    assert SZ.model_states(p, ll, 3, "cpu", 8, 4, 2, "bf16") == {"device": 4 * ll + 2 * p // 8,
+                                                                   "host": int(p * max(16, 16 / 2) * 1.5)}
+    # fp32: no 16-bit copies, 4 + 4 + 8 bytes
+    assert SZ.model_states(p, ll, 0, "none", 2, 2, 1, "fp32")["device"] == 16 * p
+
+
+def plan(hosts, name, **knobs):
+    return P.make_plan(hosts, dict({"run_id": "r"}, **knobs), None, config(name))
+
+
+def big(name, octet, gpus, ram_gib):
+    record = host(name, octet, gpus)
+    record["gpu"]["cpu"]["memory_mib"] = ram_gib * 1024
+    return record
+
+
+def test_a_7b_model_on_four_a100s_fits_and_the_table_says_by_how_much():
+    p = plan([big("srv", 11, [A100(i) for i in range(4)], 512)], "llama-2-7b", precision="bf16")
+    s = p["sizing"]
+    assert s["fits"] and s["params"] == COUNTS["llama-2-7b"] and s["zero_stage"] == 2
+    assert s["model_states_mib"] == SZ.mib(2 * COUNTS["llama-2-7b"] + 18 * COUNTS["llama-2-7b"] // 4)
+    assert s["device_mib"] == s["model_states_mib"] + s["activations_mib"] + s["runtime_mib"] <= 81920 * 0.9
+    line = [ln for ln in R.plan_table(p) if ln.startswith("memory:")][0]
+    assert "6,738,415,616 parameters (llama); ZeRO-2 bf16, micro batch 4 x 128 tokens" in line
+    assert "of 81920 on the smallest (srv, NVIDIA A100-SXM4-80GB)" in line
+
+
+def test_a_configuration_that_cannot_fit_stops_the_plan_naming_the_nearest_that_does():
+    fleet = [big("srv", 11, [A100(i) for i in range(4)], 512), big("ws", 12, [RTX4090(0), RTX4090(1)], 512)]
+    # ZeRO-2 over 6 ranks is 5 bytes a parameter on every device: 31.4 GiB, more than a 24 GiB card holds
+    with pytest.raises(PlanError, match=r"does not fit: 6,738,415,616 parameters \(llama\), ZeRO-2, bf16, micro batch "
+                                        r"4 x 128 tokens needs \d+ MiB per device .* the smallest, NVIDIA GeForce RTX "
+                                        r"4090 on ws, has 24564 MiB. The nearest configuration that fits: "
+                                        r"-e zero_stage=2 -e offload=cpu -e micro_batch=4"):
+        plan(fleet, "llama-2-7b")
+    assert plan(fleet, "llama-2-7b", offload="cpu")["sizing"]["fits"]
+
+
+def test_host_memory_counts_every_rank_loading_the_whole_model():
+    # four ranks each read the 7B model in fp32 before training starts: 161 GB on a 64 GiB host
+    with pytest.raises(PlanError, match=r"needs 154231 MiB of host memory on srv to load it"):
+        plan([big("srv", 11, [A100(i) for i in range(4)], 64)], "llama-2-7b", precision="bf16")
+
+
+def test_nothing_fits_says_what_would_help():
+    with pytest.raises(PlanError, match="neither does any ZeRO stage with or without offload at micro batch 1. Add "
+                                        "devices or hosts with more memory, shorten block_size"):
+        plan([big("tiny", 11, [gpu(0, "NVIDIA T400", 2048, "7.5")], 8)], "llama-2-7b")
+
+
+def test_a_model_the_sizing_does_not_know_is_planned_and_says_so():
+    p = P.make_plan([host("srv", 11, [A100(0)])], {"run_id": "r"}, None, {"model_type": "t5", "vocab_size": 3})
+    assert p["sizing"] == {"known": False, "note": "not sized: cannot size model_type 't5' from its config (known: "
+                                                   "%s)" % ", ".join(SH.FAMILIES)}
+    assert "memory: not sized: cannot size model_type 't5'" in "\n".join(R.plan_table(p))
+    assert P.make_plan([host("srv", 11, [A100(0)])], {"run_id": "r"})["sizing"] is None
