@@ -129,22 +129,7 @@ def make_infer_plan(hosts, knobs, model, prompts):
     context = int(math.ceil(int(prompts.get("max_chars") or 0) / CHARS_PER_TOKEN)) + k["max_new_tokens"]
     if cfg.get("max_position_embeddings"):
         context = min(context, int(cfg["max_position_embeddings"]))
-    names = [h["name"] for h in hosts]
-    for name in k["exclude"]:
-        if name not in names:
-            _fail("exclude names %s, which is not in the inventory (hosts: %s)" % (name, ", ".join(names)))
-
-    excluded, candidates = [], []
-    for host in hosts:
-        if host["name"] in k["exclude"]:
-            excluded.append({"name": host["name"], "reason": "excluded by the user (exclude=)"})
-        elif not host.get("reachable", True) or not host.get("gpu"):
-            if k["require_all_hosts"]:
-                _fail("host %s is unreachable or returned no facts; check `ssh %s`, or leave it out with -e exclude=%s"
-                      % (host["name"], host.get("address") or host["name"], host["name"]))
-            excluded.append({"name": host["name"], "reason": "unreachable (no facts gathered)"})
-        else:
-            candidates.append(host)
+    excluded, candidates = P.take_part(hosts, k, _fail)
     # Every host is its own world, so vendors mix; CPU-only hosts serve only when no host has an accelerator
     # (or accelerator=cpu): a CPU rank would hold every GPU host's share of the prompts back.
     kinds = {h["name"]: P._group_of(h) for h in candidates}

@@ -219,6 +219,30 @@ def _sizing(k, config, plan_hosts, records, precision, accelerator):
           "Add devices or hosts with more memory, shorten block_size, or exclude the smallest devices" % (what, why))
 
 
+def take_part(hosts, k, fail):
+    """(excluded, candidates): the hosts the user left out or that gave no facts, and the others; an unknown name
+    in ``exclude`` or an unreachable host under ``require_all_hosts`` fails through ``fail``."""
+    names = [h["name"] for h in hosts]
+    for name in k["exclude"]:
+        if name not in names:
+            fail("exclude names %s, which is not in the inventory (hosts: %s); fix -e exclude=..."
+                 % (name, ", ".join(names)))
+
+    excluded, candidates = [], []
+    for host in hosts:
+        if host["name"] in k["exclude"]:
+            excluded.append({"name": host["name"], "reason": "excluded by the user (exclude=)"})
+        elif not host.get("reachable", True) or not host.get("gpu"):
+            if k["require_all_hosts"]:
+                fail("host %s is unreachable or returned no facts; check that it is up and that `ssh %s` works "
+                     "(run setup.yml), or leave it out with -e exclude=%s (or -e require_all_hosts=false)"
+                     % (host["name"], host.get("address") or host["name"], host["name"]))
+            excluded.append({"name": host["name"], "reason": "unreachable (no facts gathered)"})
+        else:
+            candidates.append(host)
+    return excluded, candidates
+
+
 def make_plan(hosts, knobs=None, previous=None, model=None):
     """Compute the one cluster plan from host records and the user's knobs (see module docstring).
 
@@ -232,24 +256,7 @@ def make_plan(hosts, knobs=None, previous=None, model=None):
         _fail("run_id is empty; the plan role names the run before planning (pass -e run_id=NAME by hand)")
     if not hosts:
         _fail("the inventory has no host in group dsfleet; add hosts to inventory (see inventory/example)")
-    names = [h["name"] for h in hosts]
-    for name in k["exclude"]:
-        if name not in names:
-            _fail("exclude names %s, which is not in the inventory (hosts: %s); fix -e exclude=..."
-                  % (name, ", ".join(names)))
-
-    excluded, candidates = [], []
-    for host in hosts:
-        if host["name"] in k["exclude"]:
-            excluded.append({"name": host["name"], "reason": "excluded by the user (exclude=)"})
-        elif not host.get("reachable", True) or not host.get("gpu"):
-            if k["require_all_hosts"]:
-                _fail("host %s is unreachable or returned no facts; check that it is up and that `ssh %s` works "
-                      "(run setup.yml), or leave it out with -e exclude=%s (or -e require_all_hosts=false)"
-                      % (host["name"], host.get("address") or host["name"], host["name"]))
-            excluded.append({"name": host["name"], "reason": "unreachable (no facts gathered)"})
-        else:
-            candidates.append(host)
+    excluded, candidates = take_part(hosts, k, _fail)
     if not candidates:
         _fail("every host is excluded or unreachable (%s); nothing to train on — remove hosts from exclude="
               % ", ".join("%s: %s" % (e["name"], e["reason"]) for e in excluded))
