@@ -57,6 +57,9 @@ def resolve_model(model, runs_dir, step=0):
         path = exports.get(chosen)
         return {"kind": "run" if path is None else "controller", "run_id": model, "step": chosen or None,
                 "path": path, "label": "run %s step %s" % (model, chosen or "newest"), "exports": sorted(exports)}
+    if "/" not in model and os.path.isdir(os.path.join(_ROOT, "train", "presets", model)):
+        raise InputError("model=%s is a bundled preset: a config and a tokenizer, no weights; train it "
+                         "(./dsfleet launch.yml -e model=%s) and ask the run: -e model=<its run id>" % (model, model))
     local = os.path.abspath(os.path.expanduser(model))
     if os.path.isdir(local):
         return {"kind": "controller", "path": local, "label": model, "run_id": None, "step": None}

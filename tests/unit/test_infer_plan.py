@@ -237,5 +237,8 @@ def test_a_model_is_a_run_export_a_controller_directory_or_left_to_the_hosts(tmp
     assert A.resolve_model("r1", str(tmp_path / "runs"), 4)["kind"] == "run"
     assert A.resolve_model(str(tmp_path), str(tmp_path / "runs"))["kind"] == "controller"
     assert A.resolve_model("meta-llama/Llama-3.2-1B", str(tmp_path / "runs"))["kind"] == "host"
+    with pytest.raises(A.InputError, match=r"model=tiny is a bundled preset: a config and a tokenizer, no weights; "
+                                           r"train it \(./dsfleet launch.yml -e model=tiny\)"):
+        A.resolve_model("tiny", str(tmp_path / "runs"))
     with pytest.raises(A.InputError, match="holds no run"):
         A.resolve_model("", str(tmp_path / "empty"))
