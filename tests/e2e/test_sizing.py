@@ -55,3 +55,43 @@ def test_parameter_counts_and_model_states_match_transformers_and_deepspeed(trai
         assert len(got["rows"]) == 4 * len(MIXES)
         for stage, offload, gpn, nodes, ours_dev, ds_dev, ours_host, ds_host in got["rows"]:
             assert (ours_dev, ours_host) == (ds_dev, ds_host), (name, stage, offload, gpn, nodes)
+
+
+PARSE = r"""
+import itertools, json, sys
+sys.path.insert(0, sys.argv[1])
+import deepspeed.runtime.config as C
+from dsfleet_core import plan as P
+def host(name, octet, bf16):  # a one-GPU host record as the plan role builds it from facts
+    gpu = {"index": 0, "vendor": "nvidia", "name": "A100" if bf16 else "V100", "memory_mib": 81920,
+           "compute_capability": "8.0" if bf16 else "7.0", "bf16": bf16}
+    return {"name": name, "address": "10.1.0.%d" % octet, "reachable": True, "local": False,
+            "gpu": {"accelerator": "nvidia", "gpus": [gpu], "cpu": {"cores": 8, "memory_mib": 65536}},
+            "interfaces": [{"name": "eth0", "ipv4": ["10.1.0.%d/24" % octet]}], "home": "/h", "venv": "/h/venv"}
+checked = []
+for world, stage, offload, precision, accum in itertools.product((1, 2, 3, 6, 8), (0, 1, 2, 3), ("none", "cpu"),
+                                                                 ("fp32", "bf16", "fp16"), (1, 4)):
+    if stage == 0 and offload == "cpu":
+        continue
+    hosts = [host("h%d" % i, 11 + i, precision != "fp16") for i in range(world)]
+    plan = P.make_plan(hosts, {"run_id": "r", "zero_stage": stage, "offload": offload, "precision": precision,
+                               "grad_accum": accum, "micro_batch": 2})
+    C.dist.get_rank = lambda *a, **k: 0
+    C.dist.get_world_size = lambda *a, world=plan["world_size"], **k: world
+    parsed = C.DeepSpeedConfig(plan["ds_config"])
+    assert parsed.world_size == world and parsed.train_batch_size == 2 * accum * world, plan["ds_config"]
+    assert parsed.zero_optimization_stage == stage
+    assert (parsed.zero_config.offload_optimizer is not None) == (offload == "cpu")
+    assert parsed.bfloat16_config.enabled == (precision == "bf16")
+    assert parsed.float16_config.enabled == (precision == "fp16")
+    checked.append([world, stage, offload, precision, accum])
+print(json.dumps(checked))
+"""
+
+
+def test_every_ds_config_the_plan_renders_parses_with_deepspeeds_own_config_class(train_python):
+    done = subprocess.run([train_python, "-c", PARSE, str(ROOT / "lib")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checked = json.loads(done.stdout.splitlines()[-1])
+    assert len(checked) == 5 * 7 * 3 * 2  # world sizes x (stage, offload) x precision x accumulation
