@@ -5,7 +5,7 @@ by tensor as the architecture's modeling code defines them, with tied embeddings
 ``PreTrainedModel.num_parameters()`` reports); for mixture-of-experts models also the parameters one token passes
 through (Mixtral-8x7B: 46.70B total, 12.88B active: ZeRO memory follows the total, FLOPs the active). Checked
 against ``AutoModelForCausalLM.from_config(...)`` on the meta device for every family below at its published size
-(tests/e2e/test_sizing.py).
+(tests/e2e/test_sizing_against_tools.py).
 
 Families: llama, mistral, mixtral, qwen2, qwen3, gemma, gemma2, phi3 (one decoder layout with variations),
 falcon, opt, bloom, gpt_neox, gpt2, phi. Another model_type raises ShapeError naming these.

@@ -1,6 +1,6 @@
 """The model's shape from config.json and the memory check of the plan, on published model configs and device
 mixes (tests/fixtures/configs; the counts below are what transformers builds, checked on the meta device by
-tests/e2e/test_sizing.py)."""
+tests/e2e/test_sizing_against_tools.py)."""
 import json
 import pathlib
 
