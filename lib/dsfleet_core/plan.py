@@ -21,6 +21,7 @@ A host record (built per host by roles/plan from facts) looks like::
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 
@@ -243,12 +244,14 @@ def take_part(hosts, k, fail):
     return excluded, candidates
 
 
-def make_plan(hosts, knobs=None, previous=None, model=None):
+def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
     """Compute the one cluster plan from host records and the user's knobs (see module docstring).
 
     ``previous``: on resume, the layout of the plan that last started ranks for that run (its ``layout``, kept
     in runs/<id>/started.json): with another world the global batch is kept when it divides, and the plan
-    says that the checkpoint is converted to a universal one."""
+    says that the checkpoint is converted to a universal one. ``model``: the model's config.json (sizing).
+    ``inputs``: {"model", "dataset": {"path", "dir"} or None}, those of them that lie on the controller: copied to
+    every host under its dsfleet home (there is no shared filesystem), unless the plan is this machine alone."""
     k = normalize_knobs(knobs)
     if k["resume"]:
         k["run_id"] = k["resume"]
@@ -411,6 +414,8 @@ def make_plan(hosts, knobs=None, previous=None, model=None):
         "knobs": dict(k),  # what the plan was computed from; a resumed run starts from these
         "warnings": warnings,
         "sizing": sizing,
+        # inputs that lie on the controller; copied to every host, read there from the staged copy
+        "inputs": {} if local else {n: dict(v) for n, v in (inputs or {}).items() if v},
     }
     plan["ds_config"] = ds_config(plan)
     return add_processes(plan, members)
@@ -511,8 +516,10 @@ def host_paths(home, venv, run_id):
 def train_args(plan, paths):
     """The training module's arguments, from the plan."""
     t = plan["training"]
+    staged = paths.get("inputs") or {}
     args = ["--deepspeed_config", paths["ds_config"], "--output_dir", paths["out"],
-            "--model", t["model"], "--dataset", t["dataset"], "--text_field", t["text_field"],
+            "--model", staged.get("model", t["model"]), "--dataset", staged.get("dataset", t["dataset"]),
+            "--text_field", t["text_field"],
             "--max_steps", str(t["max_steps"]), "--block_size", str(t["block_size"]), "--lr", repr(t["lr"]),
             "--warmup_steps", str(t["warmup_steps"]), "--seed", str(t["seed"]), "--log_every", str(t["log_every"]),
             "--save_every", str(t["save_every"]), "--save_every_minutes", repr(t["save_every_minutes"]),
@@ -574,6 +581,15 @@ def add_processes(plan, records):
     for host in plan["hosts"]:
         record = by_name[host["name"]]
         paths = host_paths(record["home"], record.get("venv") or record["home"] + "/venv", plan["run_id"])
+        # the inputs only the controller has: where each host keeps its copy (unchanged files are not sent again)
+        host["inputs"] = []
+        for name, src in sorted((plan.get("inputs") or {}).items()):
+            base = src["path"].rstrip("/").split("/")[-1] or name
+            folder = "%s/inputs/%s-%s" % (record["home"], base, hashlib.sha1(src["path"].encode()).hexdigest()[:8])
+            dest = folder if src["dir"] else folder + "/" + base
+            host["inputs"].append({"name": name, "src": src["path"], "dir": src["dir"], "folder": folder,
+                                   "dest": dest})
+        paths["inputs"] = {i["name"]: i["dest"] for i in host["inputs"]}
         host["paths"] = paths
         host["path"] = record.get("path") or SYSTEM_PATH
         is_master = host["node_rank"] == 0
@@ -617,7 +633,8 @@ def add_processes(plan, records):
             "receive": {"argv": _node(paths, "receive")},
             "universal": {"argv": _node(paths, "universal")} if is_master else None,
             # playbooks/export.yml (dsfleet_core.run.export_source adds the step and the sources)
-            "export": {"argv": _node(paths, "export", "--model", plan["training"]["model"], "--script",
+            "export": {"argv": _node(paths, "export", "--model",
+                                     paths["inputs"].get("model", plan["training"]["model"]), "--script",
                                      paths["code"] + "/train/export_hf.py")} if is_master else None,
             "ps": {"argv": _node(paths, "ps")},
         }

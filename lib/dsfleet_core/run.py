@@ -42,6 +42,9 @@ def plan_table(plan):
                          % (resume["run"], prev["world_size"], ", ".join(h["name"] for h in prev["hosts"]),
                             plan["world_size"], plan["master"]["name"],
                             "; " + resume["note"] if resume["note"] else ""))
+    for name, src in sorted((plan.get("inputs") or {}).items()):
+        lines.append("%s %s: on the controller only; copied to every host (%s), unchanged files are not sent again"
+                     % (name, src["path"], plan["hosts"][0]["paths"]["inputs"][name]))
     sizing = plan.get("sizing")
     if sizing and sizing.get("known"):
         lines.append("memory: %s parameters (%s%s); ZeRO-%d%s %s, micro batch %d x %d tokens: %d MiB per device "

@@ -304,6 +304,26 @@ def test_a_zero3_run_on_three_hosts_exports_from_its_scattered_shards(cluster, t
     assert len(summary["hosts"]) == 3 and all(h["params_per_rank"] < 590464 for h in summary["hosts"]), summary
 
 
+def test_a_dataset_only_the_controller_has_trains_on_every_host(cluster, tmp_path):
+    """The hosts have their own /tmp: a jsonl file in the controller's is copied to each host's dsfleet home, read
+    there, and not sent again by the next run (the copy on h2 keeps its inode and mtime)."""
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"text": "record %d of the user's own data, seen only here." % i}) + "\n"
+                            for i in range(400)))
+    result, run_id, _ = launch(cluster, tmp_path, max_steps=4, dataset=str(data), block_size=32)
+    assert result.rc == 0, result.stdout[-4000:]
+    assert "dataset %s: on the controller only; copied to every host" % data in result.stdout
+    copies = {h: list((home(cluster, h) / ".dsfleet" / "inputs").glob("mine.jsonl-*/mine.jsonl")) for h in cluster.names}
+    assert all(len(c) == 1 and c[0].read_text() == data.read_text() for c in copies.values()), copies
+    first = copies["h2"][0].stat()
+    again, second_id, _ = launch(cluster, tmp_path, max_steps=2, dataset=str(data), block_size=32)
+    assert again.rc == 0, again.stdout[-4000:]
+    after = copies["h2"][0].stat()
+    assert (after.st_ino, after.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+    summary = json.loads((RUNS / second_id / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["dataset"] == str(data)
+
+
 def test_unreachable_host_fails_fast(cluster, tmp_path):
     # last: the host stays down. Its sshd is stopped by PID, as the rig recorded it.
     os.kill(cluster.host("h3")["sshd_pid"], signal.SIGTERM)

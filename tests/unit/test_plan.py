@@ -540,3 +540,26 @@ def test_the_run_files_render_from_the_plan():
     plan["deepspeed_env"]["BAD"] = "two\nlines"
     with pytest.raises(ValueError, match="BAD cannot be written"):
         render.files(plan)
+
+
+def test_inputs_only_the_controller_has_are_copied_to_every_host_and_read_there():
+    hosts = [host("a", 11, [A100(0)]), host("b", 12, [A100(0)])]
+    inputs = {"model": {"path": "/data/llama", "dir": True}, "dataset": {"path": "/data/c.jsonl", "dir": False}}
+    p = P.make_plan(hosts, {"run_id": "r", "model": "/data/llama", "dataset": "/data/c.jsonl"}, None, None, inputs)
+    for h in p["hosts"]:
+        staged = {i["name"]: i for i in h["inputs"]}
+        model, data = staged["model"]["dest"], staged["dataset"]["dest"]
+        assert model.startswith("/home/u/.dsfleet/inputs/llama-") and staged["model"]["folder"] == model
+        assert data.startswith("/home/u/.dsfleet/inputs/c.jsonl-") and data.endswith("/c.jsonl")
+        argv = h["process"]["argv"]
+        assert argv[argv.index("--model") + 1] == model and argv[argv.index("--dataset") + 1] == data
+        pre = h["commands"]["preflight"]["argv"]
+        assert pre[pre.index("--dataset") + 1] == data
+    export = p["hosts"][0]["commands"]["export"]["argv"]
+    assert export[export.index("--model") + 1] == model
+    assert "dataset /data/c.jsonl: on the controller only; copied to every host" in "\n".join(R.plan_table(p))
+    # this machine alone reads them where they are
+    alone = P.make_plan([localhost()], {"run_id": "r", "dataset": "/data/c.jsonl"}, None, None, inputs)
+    assert alone["inputs"] == {} and alone["hosts"][0]["inputs"] == []
+    argv = alone["hosts"][0]["process"]["argv"]
+    assert argv[argv.index("--dataset") + 1] == "/data/c.jsonl"

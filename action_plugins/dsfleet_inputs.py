@@ -1,0 +1,52 @@
+# -*- coding: utf-8 -*-
+"""Action dsfleet_inputs: what the controller has of the run's inputs. Runs on the controller only; never fails.
+
+- the model's config.json (a preset, a model directory, a hub id in the local cache), which the planner sizes
+  memory from; without one the plan says it is not sized;
+- which of the model and the dataset are paths on the controller: the plan copies those to every host (there is no
+  shared filesystem) instead of expecting them at the same path there.
+
+    - dsfleet_inputs: {model: /data/llama, dataset: /data/corpus.jsonl}
+      # -> config (dict or null), where (the file read, or why there is none),
+      #    inputs {model: {path, dir} or null, dataset: {path, dir} or null}
+"""
+
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.join(_ROOT, "train") not in sys.path:
+    sys.path.insert(0, os.path.join(_ROOT, "train"))
+
+from ansible.plugins.action import ActionBase  # noqa: E402
+from dsfleet_modelinfo import config_of  # noqa: E402
+
+PRESETS = os.path.join(_ROOT, "train", "presets")
+
+
+def on_controller(value, kind):
+    """{path (absolute), dir} of a model directory or dataset file/directory that lies on the controller, else None
+    (a preset, the bundled corpus, a hub id, or a path only the hosts have)."""
+    value = str(value or "")
+    if not value or (kind == "dataset" and value == "bundled"):
+        return None
+    if kind == "model" and "/" not in value and os.path.isdir(os.path.join(PRESETS, value)):
+        return None
+    path = os.path.abspath(os.path.expanduser(value))
+    if kind == "model":
+        return {"path": path, "dir": True} if os.path.isdir(path) else None
+    return {"path": path, "dir": os.path.isdir(path)} if os.path.exists(path) else None
+
+
+class ActionModule(ActionBase):
+    TRANSFERS_FILES = False
+    _requires_connection = False
+
+    def run(self, tmp=None, task_vars=None):
+        result = super().run(tmp, task_vars)
+        model = str(self._task.args.get("model") or "tiny")
+        config, where = config_of(model, PRESETS)
+        result.update(changed=False, config=config, where=where,
+                      inputs={"model": on_controller(model, "model"),
+                              "dataset": on_controller(self._task.args.get("dataset"), "dataset")})
+        return result
