@@ -44,3 +44,21 @@ def _training_python_for_train_tests(request):
     """tests/e2e/test_train.py runs the module with the venv's python: make sure setup.yml made it."""
     if request.node.module.__name__.endswith("test_train") and not os.environ.get("DSFLEET_TRAIN_PYTHON"):
         request.getfixturevalue("train_python")
+
+
+def _node_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("dsfleet_node_for_tests",
+                                                  TESTS.parent / "roles" / "launch" / "files" / "dsfleet_node.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _release_deepspeed_shm(request):
+    """Tests that run DeepSpeed directly (not under dsfleet's supervisor, which cleans up after its ranks) would
+    leave its CPU all-reduce segments in /dev/shm: ~69 MB of RAM per rank per run, gigabytes over the suite."""
+    yield
+    if "e2e" in pathlib.Path(str(request.node.fspath)).parts:
+        _node_module().tidy()

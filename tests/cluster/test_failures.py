@@ -141,7 +141,7 @@ def test_rank_killed_on_a_worker_stops_every_host(cluster, tmp_path):
 
     killer = threading.Thread(target=kill_when_training, daemon=True)
     killer.start()
-    result, run_id, took = launch(cluster, tmp_path, max_steps=100000)
+    result, run_id, took = launch(cluster, tmp_path, max_steps=3000)
     killer.join(timeout=5)
     assert killed, "never saw a training rank on h2"
     assert result.rc != 0

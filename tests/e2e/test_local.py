@@ -63,6 +63,16 @@ def test_launch_tiny_preset_two_ranks(train_python):
     assert probe.returncode == 0, probe.stderr[-2000:]
     assert probe.stdout.strip().splitlines()[-1] == "4"
     _assert_no_process_left(train_python, summary["host_run_dir"])
+    # DeepSpeed's CPU all-reduce never unlinks its /dev/shm segments (~69 MB of RAM per rank per run): the host's
+    # supervisor removes them when the ranks are gone
+    port = json.loads((run_dir / "plan.json").read_text())["master"]["port"]
+    pattern = "deepspeed_allreduce_buffer_%d_*_%d_*" % (os.getuid(), port)
+    deadline = time.time() + 20
+    while list(pathlib.Path("/dev/shm").glob(pattern)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert list(pathlib.Path("/dev/shm").glob(pattern)) == []
+    node_log = (pathlib.Path(summary["host_run_dir"]) / "node.log").read_text()
+    assert "dsfleet_node: removed 2 shared-memory segment(s) of finished DeepSpeed runs" in node_log, node_log[-2000:]
 
 
 def _assert_no_process_left(python, host_run_dir):

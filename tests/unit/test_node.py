@@ -212,3 +212,62 @@ def test_stage_unpacks_the_bundle_and_runs_every_check_in_one_call(tmp_path):
     got = node("stage", "--run-dir", paths["run_dir"], "--preflight", json.dumps(bad))
     assert got["preflight"]["rc"] == 2 and got["preflight"]["error"] == "dsfleet-train: error: no model. Fix it"
     assert got["port"] is None and got["checkpoints"] is None
+
+
+def _load_node_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("dsfleet_node_under_test", NODE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+HOLD = textwrap.dedent("""
+    import mmap, os, sys, time
+    seg, lock = sys.argv[1], sys.argv[2]
+    f = open(seg, "r+b"); m = mmap.mmap(f.fileno(), 4096); f.close()   # mapped only, as a rank holds its own
+    fd = os.open(lock, os.O_RDONLY)                                      # open, as torch's FileBaton holds it
+    print("holding", flush=True); time.sleep(60)
+""")
+
+
+def test_tidy_removes_only_what_no_process_holds(tmp_path):
+    """DeepSpeed never unlinks its CPU all-reduce segments and a killed op build leaves torch's lock: tidy removes
+    those, and never a segment a live rank maps, a lock a live build holds, a fresh lock, or anything else."""
+    node_mod = _load_node_module()
+    shm, ext = tmp_path / "shm", tmp_path / "ext"
+    shm.mkdir()
+    uid = os.getuid()
+    names = {k: shm / ("deepspeed_allreduce_buffer_%d_127.0.0.1_%d_0" % (uid, port))
+             for k, port in (("stale", 29500), ("live", 29501))}
+    for path in names.values():
+        path.write_bytes(b"\0" * 2**20)
+    other = shm / "someone_elses_segment"
+    other.write_bytes(b"x")
+    locks = {}
+    for op in ("deepspeed_shm_comm", "cpu_adam", "fused_adam"):
+        (ext / op).mkdir(parents=True)
+        locks[op] = ext / op / "lock"
+        locks[op].write_bytes(b"")
+    old = time.time() - 120
+    for op in ("deepspeed_shm_comm", "cpu_adam"):
+        os.utime(locks[op], (old, old))          # fused_adam's lock is seconds old: a build may be starting
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(names["live"]), str(locks["cpu_adam"])],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        done = node_mod.tidy(shm_dir=str(shm), extension_dirs=[str(ext)])
+        assert done["segments"] == [str(names["stale"])] and done["freed_mib"] == 1.0
+        assert done["locks"] == [str(locks["deepspeed_shm_comm"])]
+        assert names["live"].exists() and other.exists()
+        assert locks["cpu_adam"].exists() and locks["fused_adam"].exists()
+        note = node_mod._tidy_note(done)
+        assert "1 shared-memory segment(s)" in note and "deepspeed_shm_comm/lock" in note
+    finally:
+        holder.kill()
+        holder.wait()
+    done = node_mod.tidy(shm_dir=str(shm), extension_dirs=[str(ext)])   # the holder is gone: its files too
+    assert done["segments"] == [str(names["live"])] and done["locks"] == [str(locks["cpu_adam"])]
+    assert node_mod.tidy(shm_dir=str(shm), extension_dirs=[str(ext)]) == {"segments": [], "freed_mib": 0.0,
+                                                                          "locks": []}
+    assert node_mod._tidy_note({"segments": [], "freed_mib": 0.0, "locks": []}) is None

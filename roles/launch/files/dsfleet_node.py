@@ -30,6 +30,10 @@
                                     D/together-<i>.log; wait for all; JSON {rc, runs: [{rc, tail}]}; exit: the worst
                                     rc (infer.yml: one DeepSpeed world per replica)
 
+Every verb that starts or stops ranks (stage, start, stop, together) first removes what killed or finished runs of
+this user left behind and no process holds: DeepSpeed's CPU all-reduce segments in /dev/shm (never unlinked by
+DeepSpeed: ~69 MB of RAM per rank per run) and torch op build locks a killed build left (later loads wait forever).
+
 The run directory's path is the run's marker: every rank's command line contains it (its --output_dir), so `stop`
 and `ps` find ranks started by DeepSpeed's pdsh runner too, by PID, never by process name.
 
@@ -173,6 +177,123 @@ def _write(path, text):
     os.replace(path + ".tmp", path)
 
 
+# DeepSpeed's CPU all-reduce (ops/csrc/cpu/comm/shm.cpp) creates one ~69 MB POSIX shared-memory segment per rank,
+# named deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, and never unlinks it: every CPU run
+# leaves its segments in /dev/shm (RAM) until reboot, and a later run on the same address and port reuses them.
+SHM_DIR = "/dev/shm"
+SHM_PREFIX = "deepspeed_allreduce_buffer_"
+# torch builds an op (cpu_adam, the shm comm op, ...) holding <build dir>/lock open; a build that is killed leaves the
+# file behind and every later load of that op waits for it forever (torch.utils.file_baton).
+LOCK_MIN_AGE_S = 30
+
+
+def _files_in_use():
+    """(st_dev, st_ino) of every file a process on this machine holds open or mapped (the ones /proc lets us read:
+    our own user's, or all as root). By inode, so processes in other mount namespaces count right."""
+    held = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fd_dir = "/proc/%s/fd" % entry
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            fds = []
+        for fd in fds:
+            try:
+                st = os.stat(os.path.join(fd_dir, fd))
+            except OSError:
+                continue
+            held.add((st.st_dev, st.st_ino))
+        try:
+            with open("/proc/%s/maps" % entry) as f:
+                for line in f:
+                    parts = line.split(None, 5)
+                    if len(parts) == 6 and parts[4] != "0":
+                        major, minor = (int(x, 16) for x in parts[3].split(":"))
+                        held.add((os.makedev(major, minor), int(parts[4])))
+        except (OSError, ValueError):
+            continue
+    return held
+
+
+def _extension_dirs(env):
+    """Where torch builds its ops for this user: TORCH_EXTENSIONS_DIR (the run's or ours) and the default cache."""
+    dirs = [value for value in (env.get("TORCH_EXTENSIONS_DIR"), os.environ.get("TORCH_EXTENSIONS_DIR")) if value]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = os.path.join(cache, "torch_extensions")
+    try:
+        dirs += [os.path.join(base, name) for name in sorted(os.listdir(base))]  # py311_cpu, py311_cu121, ...
+    except OSError:
+        pass
+    return list(dict.fromkeys(dirs))
+
+
+def tidy(env=None, shm_dir=SHM_DIR, extension_dirs=None, lock_min_age=LOCK_MIN_AGE_S):
+    """Remove what killed or finished runs of this user left behind and nothing any process still holds: DeepSpeed's
+    shared-memory segments, and torch's op build locks. Returns {"segments": [...], "freed_mib": n, "locks": [...]}."""
+    uid = os.getuid()
+    segments, locks = [], []
+    try:
+        names = sorted(n for n in os.listdir(shm_dir) if n.startswith("%s%d_" % (SHM_PREFIX, uid)))
+    except OSError:
+        names = []
+    for name in names:
+        try:
+            st = os.stat(os.path.join(shm_dir, name))
+        except OSError:
+            continue
+        if st.st_uid == uid:
+            segments.append((os.path.join(shm_dir, name), st))
+    dirs = _extension_dirs(env or {}) if extension_dirs is None else extension_dirs
+    now = time.time()
+    for folder in dirs:
+        try:
+            ops = sorted(os.listdir(folder))
+        except OSError:
+            continue
+        for op in ops:
+            path = os.path.join(folder, op, "lock")
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if st.st_uid == uid and now - st.st_mtime >= lock_min_age:
+                locks.append((path, st))
+    result = {"segments": [], "freed_mib": 0.0, "locks": []}
+    if not segments and not locks:
+        return result
+    held = _files_in_use()  # listed after the candidates: a file created since is not a candidate
+    for kind, items in (("segments", segments), ("locks", locks)):
+        for path, st in items:
+            if (st.st_dev, st.st_ino) in held:
+                continue
+            try:
+                again = os.stat(path)
+                if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
+                    continue  # replaced meanwhile: someone else's now
+                os.unlink(path)
+            except OSError:
+                continue
+            result[kind].append(path)
+            if kind == "segments":
+                result["freed_mib"] += st.st_size / 2**20
+    result["freed_mib"] = round(result["freed_mib"], 1)
+    return result
+
+
+def _tidy_note(done):
+    """One line for a log, or None when nothing was left behind."""
+    parts = []
+    if done["segments"]:
+        parts.append("%d shared-memory segment(s) of finished DeepSpeed runs (%.0f MiB of RAM)"
+                     % (len(done["segments"]), done["freed_mib"]))
+    if done["locks"]:
+        parts.append("stale op build lock(s) %s (left by a build that was killed; the op is rebuilt)"
+                     % ", ".join(done["locks"]))
+    return ("dsfleet_node: removed " + "; ".join(parts)) if parts else None
+
+
 def terminate(run_dir, pgid, grace):
     """SIGTERM the process group and every process naming the run directory, wait ``grace`` s, then SIGKILL."""
     targets = set(marked_pids(run_dir))
@@ -266,6 +387,7 @@ def cmd_start(args):
     for item in args.env or []:
         key, _, value = item.partition("=")
         env[key] = value
+    _log_tidy(log, tidy(env))
     try:
         child = subprocess.Popen(command, cwd=run_dir, stdin=devnull, stdout=log, stderr=subprocess.STDOUT,
                                  env=env, start_new_session=True)
@@ -286,7 +408,15 @@ def cmd_start(args):
     with open(os.path.join(run_dir, RC + ".tmp"), "w") as f:
         f.write("%d\n" % rc)
     os.replace(os.path.join(run_dir, RC + ".tmp"), os.path.join(run_dir, RC))
+    time.sleep(0.5)  # the ranks' own exits (the launcher reaps them; a killed group may still be unmapping)
+    _log_tidy(log, tidy(env))
     os._exit(0)
+
+
+def _log_tidy(log, done):
+    note = _tidy_note(done)
+    if note:
+        log.write((note + "\n").encode())
 
 
 def _read_text(path):
@@ -433,8 +563,9 @@ def cmd_stop(args):
     before = marked_pids(run_dir)
     terminated, killed = terminate(run_dir, state.get("pgid"), args.grace)
     time.sleep(0.2)
+    left = marked_pids(run_dir)
     print(json.dumps({"terminated": terminated if running or before else [],
-                      "killed": killed, "left": marked_pids(run_dir)}))
+                      "killed": killed, "left": left, "tidied": tidy() if not left else None}))
     return 0
 
 
@@ -611,7 +742,9 @@ def cmd_stage(args):
     except (OSError, subprocess.TimeoutExpired) as exc:
         preflight = {"rc": 127, "result": None, "error": str(exc)}
     ports = [_port_free(int(p)) for p in (args.ports or "").split(",") if p.strip()]
-    print(json.dumps({"preflight": preflight, "port": _port_free(args.port) if args.port else None,
+    done = tidy(spec["env"])
+    print(json.dumps({"preflight": preflight, "tidied": done, "tidy_note": _tidy_note(done),
+                      "port": _port_free(args.port) if args.port else None,
                       "ports": ports, "ports_free": all(p["free"] for p in ports),
                       "checkpoints": ckpt.listing(os.path.join(run_dir, "out")) if args.checkpoints else None}))
     return 0
@@ -622,6 +755,7 @@ def cmd_together(args):
     run_dir = os.path.abspath(args.run_dir)
     os.makedirs(run_dir, exist_ok=True)
     procs = []
+    before = tidy()
     for i, argv in enumerate(json.loads(args.specs)):
         log = open(os.path.join(run_dir, "together-%d.log" % i), "w")
         procs.append((subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
@@ -642,7 +776,10 @@ def cmd_together(args):
             tail = f.read().splitlines()[-20:]
         runs.append({"rc": rc, "tail": tail})
     worst = max((abs(r["rc"]) for r in runs), default=0)
-    print(json.dumps({"rc": worst, "runs": runs}))
+    time.sleep(0.5)
+    after = tidy()
+    print(json.dumps({"rc": worst, "runs": runs, "tidy_note": _tidy_note(before),
+                      "freed_mib": after["freed_mib"]}))
     return min(worst, 255)
 
 
