@@ -35,11 +35,13 @@ scheduler params; it is filled from the flags below.
 Outputs in --output_dir:
     metrics.jsonl   rank 0 appends one JSON object per line, flushed per line:
                     {"event": "start", "world_size", "model", "params", "block_size", "micro_batch",
-                     "grad_accum", "precision", "zero_stage", "start_step", "total_steps", "time"}
+                     "grad_accum", "precision", "zero_stage", "start_step", "total_steps", "params_here" (what
+                     rank 0 held once built: its ZeRO-3 partition), "activation_checkpointing",
+                     "load_peak_rss_mib", "time"}
                     {"event": "step", "step", "loss" (mean over ranks), "lr", "tokens_per_s" (all ranks),
                      "elapsed_s", "time"}   at step 1 of the run, every --log_every steps, the last step
                     {"event": "end", "steps", "first_loss", "final_loss", "tokens_per_s", "checkpoint_dir",
-                     "checkpoint_tag", "export_dir", "elapsed_s", "time"}
+                     "checkpoint_tag", "export_dir", "elapsed_s", "peak_rss_mib" (rank 0), "time"}
                     {"event": "error", "error", "time"}   if training raised
     checkpoint/     engine.save_checkpoint (every --save_every steps, every --save_every_minutes, on SIGTERM
                     and at the end); --resume continues from the newest tag complete on every rank's disk:
@@ -152,6 +154,8 @@ def parse_args(argv=None):
     p.add_argument("--replicas", default=None,
                    help="JSON list [{ranks, argv}]: after each checkpoint the host holding RANK's shards runs argv "
                         "+ [--tag TAG] (dsfleet_node.py replicate: a copy on the next host)")
+    p.add_argument("--activation_checkpointing", action="store_true",
+                   help="recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)")
     p.add_argument("--preflight", action="store_true", help="check inputs, print one JSON line, exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the deepspeed launcher; ignored (LOCAL_RANK/RANK/WORLD_SIZE are read from env)")
@@ -205,14 +209,49 @@ def load_config_and_tokenizer(kind, where):
     return config, tokenizer
 
 
-def build_model(kind, where, config, seed):
-    """Preset: random init from the config (seeded). Otherwise: the pretrained weights, in fp32."""
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def build_model(kind, where, config, seed, precision="fp32", ds_config=None, checkpointing=False):
+    """Preset: random init from the config (seeded). Otherwise: the pretrained weights. Either way in the training
+    precision (a 16-bit run never holds an fp32 copy per rank) with SDPA attention; under ZeRO-3 (``ds_config``'s
+    stage 3) inside deepspeed.zero.Init, through transformers' HfDeepSpeedConfig, so each rank only ever holds its
+    partition of the weights. Returns (model, the HfDeepSpeedConfig to keep alive or None)."""
     import torch
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
+    dtype = getattr(torch, TORCH_DTYPES[precision])
+    keep = None
+    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+        keep = HfDeepSpeedConfig(ds_config)  # transformers holds a weak reference: alive while the model is used
     if kind == "preset":
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(where, config=config, dtype=torch.float32, local_files_only=kind != "hub")
+        build, build_args = AutoModelForCausalLM.from_config, (config,)
+        options = {"dtype": dtype}
+    else:
+        build, build_args = AutoModelForCausalLM.from_pretrained, (where,)
+        options = {"config": config, "dtype": dtype, "local_files_only": kind != "hub"}
+    try:
+        model = build(*build_args, attn_implementation="sdpa", **options)
+    except (ValueError, ImportError) as e:  # a family without SDPA: its own attention
+        if "sdpa" not in str(e).lower() and "scaled_dot_product" not in str(e).lower():
+            raise
+        model = build(*build_args, **options)
+    if checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, keep
+
+
+def peak_rss_mib():
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def parameter_count(model):
+    """Every parameter, also when ZeRO-3 holds only a partition of it here (ds_numel: the whole tensor's size)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 # -----------------------------------------------------------------------------
@@ -314,8 +353,12 @@ def training_function(args):
     out = Path(args.output_dir)
     ckpt_dir, export_dir = out / "checkpoint", out / "export"
     out.mkdir(parents=True, exist_ok=True)
-    model = build_model(kind, where, config, args.seed)
-    n_params = sum(p.numel() for p in model.parameters())
+    model, _zero3_config = build_model(kind, where, config, args.seed, s["precision"], ds_config,
+                                       args.activation_checkpointing)
+    n_params = parameter_count(model)
+    # what this rank holds right after building it: its ZeRO-3 partition under zero.Init, else the whole model
+    params_here = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    load_peak_rss_mib = peak_rss_mib()
 
     from deepspeed.accelerator import get_accelerator
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -411,7 +454,10 @@ def training_function(args):
     metrics = Metrics(out / "metrics.jsonl", enabled=rank == 0)
     metrics.write("start", world_size=world_size, model=args.model, params=n_params, block_size=args.block_size,
                   micro_batch=s["micro_batch"], grad_accum=s["grad_accum"], precision=s["precision"],
-                  zero_stage=s["zero_stage"], start_step=start_step, total_steps=total_steps)
+                  zero_stage=s["zero_stage"], start_step=start_step, total_steps=total_steps,
+                  params_here=params_here,
+                  activation_checkpointing=bool(getattr(model, "is_gradient_checkpointing", False)),
+                  load_peak_rss_mib=load_peak_rss_mib)
     print0(f"training {args.model} ({n_params / 1e6:.2f}M params) on {world_size} rank(s): steps {start_step}..{total_steps}, "
            f"{s['precision']}, ZeRO {s['zero_stage']}, {len(blocks)} blocks of {args.block_size}")
 
@@ -475,7 +521,7 @@ def training_function(args):
     metrics.write("end", steps=step, first_loss=first_loss, final_loss=final_loss,
                   tokens_per_s=tokens_per_step * (step - start_step) / max(elapsed, 1e-9),
                   checkpoint_dir=str(ckpt_dir.resolve()), checkpoint_tag=tag, export_dir=str(export_dir.resolve()),
-                  elapsed_s=elapsed)
+                  elapsed_s=elapsed, peak_rss_mib=peak_rss_mib())
     metrics.progress(event="end", step=step, total=total_steps, start_step=start_step, loss=final_loss,
                      elapsed_s=elapsed, tokens_per_s=tokens_per_step * (step - start_step) / max(elapsed, 1e-9))
     metrics.close()

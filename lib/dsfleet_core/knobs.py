@@ -71,9 +71,14 @@ KNOB_LIST = (
     Knob("max_steps", int, 50, "train", "optimizer steps", minimum=1),
     Knob("epochs", int, 0, "train", "stop after this many epochs as well (0: only `max_steps`)", minimum=0),
     Knob("block_size", int, 128, "train", "tokens per packed training block", minimum=8),
-    Knob("micro_batch", int, 4, "train", "`train_micro_batch_size_per_gpu`", minimum=1),
+    Knob("micro_batch", int, 4, "train", "`train_micro_batch_size_per_gpu`; unset: 4, or with `global_batch` the "
+         "largest that fits the smallest device", minimum=1, shown="auto (4)"),
     Knob("grad_accum", int, 1, "train", "`gradient_accumulation_steps` (global batch = micro x accum x world size)",
          minimum=1),
+    Knob("global_batch", int, 0, "train", "sequences per optimizer step over all ranks: the plan picks the largest "
+         "micro batch that fits and the accumulation that reaches it (0: micro x accum x world size)", minimum=0),
+    Knob("activation_checkpointing", bool, False, "train", "recompute each layer's activations in the backward "
+         "pass; unset: only when nothing fits without it", shown="auto (false)"),
     Knob("lr", float, 3e-4, "train", "peak learning rate (AdamW, linear warmup then linear decay to 10%)",
          minimum=0.0),
     Knob("warmup_steps", int, 0, "train", "linear warmup steps", minimum=0),
@@ -86,9 +91,11 @@ KNOB_LIST = (
     Knob("resume", str, "", "train", "a run id: continue that run from its newest checkpoint (same layout: exactly "
          "where it stopped; a host gone or added, other slots: through a universal checkpoint gathered from the "
          "hosts' shards and their copies)", shown="none"),
-    Knob("zero_stage", int, 2, "deepspeed", "ZeRO stage", choices=(0, 1, 2, 3)),
+    Knob("zero_stage", int, 2, "deepspeed", "ZeRO stage; unset: the least sharded that fits the model on the "
+         "smallest device (2, then 3; 2 when the model is not sized)", choices=(0, 1, 2, 3), shown="auto (2)"),
     Knob("offload", str, "none", "deepspeed", "`cpu`: optimizer states on the CPU (DeepSpeed's CPU Adam, same "
-         "AdamW settings as without offload)", choices=("none", "cpu")),
+         "AdamW settings as without offload); unset: only when nothing fits without it", choices=("none", "cpu"),
+         shown="auto (none)"),
     Knob("precision", str, "auto", "deepspeed", "`auto`: bf16 if every chosen device supports it, else fp16 on "
          "GPUs / fp32 on CPUs", choices=("auto", "bf16", "fp16", "fp32")),
     Knob("accelerator", str, "auto", "hosts", "`auto`: the vendor group with the most accelerator memory",

@@ -27,6 +27,7 @@ import json
 
 from . import PlanError
 from . import knobs as K
+from . import sizing as SZ
 
 PLAN_VERSION = 2
 VENDORS = ("nvidia", "amd", "intel")
@@ -160,64 +161,156 @@ def _precision(k, accelerator, chosen):
     return k["precision"]
 
 
-def _sizing(k, config, plan_hosts, records, precision, accelerator):
-    """plan["sizing"]: the model's shape and what the configuration needs per device and per host, against the
-    smallest device; a configuration that cannot fit stops the plan naming the nearest one that does."""
+AUTO_KNOBS = ("zero_stage", "offload", "micro_batch", "activation_checkpointing")
+
+
+def _batch_plan(k, given, world):
+    """(micro batches to try, largest first; a function micro -> grad_accum) from micro_batch, grad_accum and
+    global_batch as the user gave them."""
+    if not k["global_batch"]:
+        micros = [k["micro_batch"]] if "micro_batch" in given else \
+            sorted({k["micro_batch"], max(1, k["micro_batch"] // 2), 1}, reverse=True)
+        return micros, lambda micro: k["grad_accum"]
+    if "grad_accum" in given:
+        _fail("global_batch=%d and grad_accum=%d were both passed; pass one: the plan derives the accumulation "
+              "from global_batch" % (k["global_batch"], k["grad_accum"]))
+    if k["global_batch"] % world:
+        _fail("global_batch=%d does not divide over the plan's %d ranks; pass a multiple of %d (e.g. -e "
+              "global_batch=%d)" % (k["global_batch"], world, world, max(world, k["global_batch"] // world * world)))
+    per_rank = k["global_batch"] // world
+    if "micro_batch" in given:
+        if per_rank % k["micro_batch"]:
+            _fail("global_batch=%d is %d sequences per rank over %d ranks, which micro_batch=%d does not divide; pass "
+                  "a micro_batch among %s, or drop it" % (k["global_batch"], per_rank, world, k["micro_batch"],
+                                                         ", ".join(map(str, SZ.divisors_desc(per_rank)))))
+        micros = [k["micro_batch"]]
+    else:
+        micros = SZ.divisors_desc(per_rank)
+    return micros, lambda micro: per_rank // micro
+
+
+def _options(k, given, kind):
+    """(stage, offload) and activation-checkpointing choices to try, in order, honouring what the user set."""
+    order = [c for c in SZ.ORDER if kind != "cpu" or c[1] == "none"]  # a CPU rank's device memory is the host's
+    if "zero_stage" in given:
+        order = [(k["zero_stage"], o) for o in ("none", "cpu") if kind != "cpu" or o == "none"]
+        order = [c for c in order if not (c[0] == 0 and c[1] == "cpu")]
+    if "offload" in given:
+        order = [(st, k["offload"]) for st in dict.fromkeys(st for st, _ in order)]
+    ckpts = [k["activation_checkpointing"]] if "activation_checkpointing" in given else [False, True]
+    return order, ckpts
+
+
+def _sizing(k, given, config, plan_hosts, records, precision, accelerator):
+    """(plan["sizing"], choice): the model's shape, what each configuration considered needs per device and per
+    host against the smallest device, and the one chosen: the least sharded that fits, then the largest micro batch,
+    then activation checkpointing only when nothing fits without it. What the user set is kept and checked; when
+    that cannot fit the plan stops naming the nearest configuration that does."""
     from . import shape as SH
-    from . import sizing as SZ
+    world = sum(h["slots"] for h in plan_hosts)
+    micros, accum_of = _batch_plan(k, given, world)
+    unsized = {"zero_stage": k["zero_stage"], "offload": k["offload"], "micro_batch": micros[0],
+               "grad_accum": accum_of(micros[0]), "activation_checkpointing": k["activation_checkpointing"]}
+    if k["global_batch"] and "micro_batch" not in given:  # not sized: the largest micro batch up to today's 4
+        unsized["micro_batch"] = next(m for m in micros if m <= k["micro_batch"])
+        unsized["grad_accum"] = accum_of(unsized["micro_batch"])
+    if config is None:
+        return None, unsized
     if "_dsfleet_note" in config:  # the controller has no config.json for the model
-        return {"known": False, "note": "not sized: %s" % config["_dsfleet_note"]}
+        return {"known": False, "note": "not sized: %s" % config["_dsfleet_note"]}, unsized
     try:
         shape = SH.model_shape(config)
     except (SH.ShapeError, KeyError, TypeError, ValueError) as exc:
-        return {"known": False, "note": "not sized: %s" % exc}
+        return {"known": False, "note": "not sized: %s" % exc}, unsized
     kind = "cpu" if accelerator == "cpu" else "gpu"
-    world = sum(h["slots"] for h in plan_hosts)
     per_host = max(h["slots"] for h in plan_hosts)
     nodes = len(plan_hosts)
     smallest = min(plan_hosts, key=lambda h: h["memory_mib"])
+    room = int(smallest["memory_mib"] * SZ.DEVICE_USE)
     ram = {r["name"]: int(((r.get("gpu") or {}).get("cpu") or {}).get("memory_mib") or 0) for r in records}
+    load_bytes = 2 if precision in ("bf16", "fp16") else 4  # the training module loads in the training precision
 
-    def verdict(stage, offload, micro):
-        n = SZ.need(shape, stage, offload, micro, k["block_size"], precision, world, per_host, nodes, kind)
-        device_ok = SZ.mib(n["device"]) <= smallest["memory_mib"] * SZ.DEVICE_USE
-        host_short = [h["name"] for h in plan_hosts if ram.get(h["name"])
-                      and SZ.mib(n["host"]) > ram[h["name"]] * SZ.DEVICE_USE]
-        return n, device_ok, host_short
+    def verdict(stage, offload, micro, ckpt):
+        n = SZ.need(shape, stage, offload, micro, k["block_size"], precision, world, per_host, nodes, kind,
+                    checkpointing=ckpt, zero_init=stage == 3, load_bytes=load_bytes)
+        short = [h["name"] for h in plan_hosts if ram.get(h["name"]) and SZ.mib(n["host"]) > ram[h["name"]] * SZ.DEVICE_USE]
+        why = None
+        if SZ.mib(n["device"]) > room:
+            why = "needs %d MiB per device, over the %d MiB a plan may use of the smallest" % (SZ.mib(n["device"]), room)
+        elif short:
+            why = "needs %d MiB of host memory on %s" % (SZ.mib(n["host"]), ", ".join(short))
+        return n, why, short
 
-    n, device_ok, host_short = verdict(k["zero_stage"], k["offload"], k["micro_batch"])
+    def search(order, ckpts, micro_list):
+        considered = []
+        for stage, offload in order:
+            for ckpt in ckpts:
+                for micro in micro_list:
+                    n, why, short = verdict(stage, offload, micro, ckpt)
+                    row = {"zero_stage": stage, "offload": offload, "micro_batch": micro,
+                           "activation_checkpointing": ckpt, "device_mib": SZ.mib(n["device"]),
+                           "host_mib": SZ.mib(n["host"]), "rejected": why}
+                    if why is None:
+                        considered.append(row)
+                        return row, n, short, considered
+                considered.append(row)  # its smallest micro batch: why this configuration was passed over
+        return None, None, None, considered
+
+    order, ckpts = _options(k, given, kind)
+    chosen, n, _, considered = search(order, ckpts, micros)
+    what_given = [name for name in AUTO_KNOBS if name in given]
+    if chosen is None:
+        first = {"zero_stage": order[0][0], "offload": order[0][1], "micro_batch": micros[0],
+                 "activation_checkpointing": ckpts[0]} if order else None
+        if first is None:
+            _fail("zero_stage=%d with offload=%s is not a configuration DeepSpeed runs; pass zero_stage 1-3 with "
+                  "offload=cpu" % (k["zero_stage"], k["offload"]))
+        forced = "%s parameters (%s), %s, %s, micro batch %d x %d tokens" % (
+            "{:,}".format(shape["params"]), shape["family"],
+            "ZeRO-%d%s" % (first["zero_stage"], " + offload" if first["offload"] == "cpu" else ""),
+            precision, first["micro_batch"], k["block_size"])
+        n0, why0, short0 = verdict(first["zero_stage"], first["offload"], first["micro_batch"],
+                                   first["activation_checkpointing"])
+        why = ("needs %d MiB per device (model states %d, activations %d, runtime %d); the smallest, %s on %s, has "
+               "%d MiB" % (SZ.mib(n0["device"]), SZ.mib(n0["model_states"]), SZ.mib(n0["activations"]),
+                           SZ.mib(n0["runtime"]), smallest["device_name"], smallest["name"], smallest["memory_mib"])
+               if not short0 or SZ.mib(n0["device"]) > room else
+               "needs %d MiB of host memory on %s to load it and hold what is offloaded" % (SZ.mib(n0["host"]),
+                                                                                           ", ".join(short0)))
+        if what_given:
+            # the nearest: the user's stage kept if anything fits with it, else the plan's own first choice
+            free_micros = micros if "micro_batch" not in given else \
+                sorted({k["micro_batch"], max(1, k["micro_batch"] // 2), 1}, reverse=True)
+            alt = None
+            for keep in ([{"zero_stage"}] if "zero_stage" in given else []) + [set()]:
+                free_order, free_ckpts = _options(k, keep, kind)
+                alt = search(free_order, free_ckpts, free_micros)[0]
+                if alt is not None:
+                    break
+            if alt is not None:
+                _fail("the model does not fit: %s %s. The nearest configuration that fits: -e zero_stage=%d -e "
+                      "offload=%s -e micro_batch=%d%s (%d MiB per device)"
+                      % (forced, why, alt["zero_stage"], alt["offload"], alt["micro_batch"],
+                         " -e activation_checkpointing=true" if alt["activation_checkpointing"] else "",
+                         alt["device_mib"]))
+        _fail("the model does not fit: %s %s, and neither does any ZeRO stage with or without offload at micro batch "
+              "1. Add devices or hosts with more memory, shorten block_size, or exclude the smallest devices"
+              % (forced, why))
+    choice = {"zero_stage": chosen["zero_stage"], "offload": chosen["offload"], "micro_batch": chosen["micro_batch"],
+              "grad_accum": accum_of(chosen["micro_batch"]),
+              "activation_checkpointing": chosen["activation_checkpointing"]}
     out = {"known": True, "family": shape["family"], "params": shape["params"], "params_active": shape["params_active"],
-           "largest_layer": shape["largest_layer"], "zero_stage": k["zero_stage"], "offload": k["offload"],
-           "micro_batch": k["micro_batch"], "block_size": k["block_size"], "precision": precision,
+           "largest_layer": shape["largest_layer"], "zero_stage": choice["zero_stage"], "offload": choice["offload"],
+           "micro_batch": choice["micro_batch"], "grad_accum": choice["grad_accum"],
+           "activation_checkpointing": choice["activation_checkpointing"], "block_size": k["block_size"],
+           "precision": precision, "zero_init": choice["zero_stage"] == 3, "load_bytes": load_bytes,
            "model_states_mib": SZ.mib(n["model_states"]), "activations_mib": SZ.mib(n["activations"]),
            "runtime_mib": SZ.mib(n["runtime"]), "device_mib": SZ.mib(n["device"]), "host_mib": SZ.mib(n["host"]),
            "smallest_device": {"host": smallest["name"], "name": smallest["device_name"],
                                "memory_mib": smallest["memory_mib"]},
-           "fits": device_ok and not host_short}
-    if out["fits"]:
-        return out
-    fitting = []
-    for c in SZ.candidates(shape, precision, k["micro_batch"], k["block_size"], world, per_host, nodes, kind):
-        if kind == "cpu" and c["offload"] == "cpu":
-            continue  # a CPU rank's device memory is the host's: offloading frees nothing
-        _, ok, short = verdict(c["zero_stage"], c["offload"], c["micro_batch"])
-        if ok and not short:
-            fitting.append(c)
-    why = ("needs %d MiB per device (model states %d, activations %d, runtime %d); the smallest, %s on %s, has %d MiB"
-           % (out["device_mib"], out["model_states_mib"], out["activations_mib"], out["runtime_mib"],
-              smallest["device_name"], smallest["name"], smallest["memory_mib"]) if not device_ok else
-           "needs %d MiB of host memory on %s to load it and hold what is offloaded" % (out["host_mib"],
-                                                                                         ", ".join(host_short)))
-    what = "%s parameters (%s), ZeRO-%d%s, %s, micro batch %d x %d tokens" % (
-        "{:,}".format(shape["params"]), shape["family"], k["zero_stage"],
-        " + offload" if k["offload"] == "cpu" else "", precision, k["micro_batch"], k["block_size"])
-    if fitting:
-        c = fitting[0]
-        _fail("the model does not fit: %s %s. The nearest configuration that fits: -e zero_stage=%d -e offload=%s "
-              "-e micro_batch=%d (%d MiB per device)" % (what, why, c["zero_stage"], c["offload"], c["micro_batch"],
-                                                          c["device_mib"]))
-    _fail("the model does not fit: %s %s, and neither does any ZeRO stage with or without offload at micro batch 1. "
-          "Add devices or hosts with more memory, shorten block_size, or exclude the smallest devices" % (what, why))
+           "fits": True, "chosen_by_plan": [name for name in AUTO_KNOBS if name not in given],
+           "considered": considered}
+    return out, choice
 
 
 def take_part(hosts, k, fail):
@@ -253,6 +346,7 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
     ``inputs``: {"model", "dataset": {"path", "dir"} or None}, those of them that lie on the controller: copied to
     every host under its dsfleet home (there is no shared filesystem), unless the plan is this machine alone."""
     k = normalize_knobs(knobs)
+    given = {name for name, value in (knobs or {}).items() if value is not None}
     if k["resume"]:
         k["run_id"] = k["resume"]
     if not k["run_id"]:
@@ -346,8 +440,10 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
     if rank == 0:
         _fail("the chosen hosts offer no ranks; check `slots`/`gpus` host vars")
     precision = _precision(k, accelerator, plan_hosts)
-    # the model's config.json, when the controller has it (the plan role reads it): memory checked before launch
-    sizing = _sizing(k, model, plan_hosts, members, precision, accelerator) if model else None
+    # the model's config.json, when the controller has it (the plan role reads it): memory checked before launch,
+    # and the ZeRO stage, offload, micro batch and accumulation the user left unset chosen to fit
+    sizing, choice = _sizing(k, given, model or None, plan_hosts, members, precision, accelerator)
+    k.update(choice)
 
     # DeepSpeed's --include keeps the exact device indices when a host's devices are not 0..n-1.
     include = None
@@ -403,6 +499,7 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
             "warmup_steps": k["warmup_steps"], "seed": k["seed"], "log_every": k["log_every"],
             "save_every": k["save_every"], "save_every_minutes": k["save_every_minutes"],
             "keep_checkpoints": k["keep_checkpoints"], "resume": k["resume"],
+            "activation_checkpointing": k["activation_checkpointing"],
         },
         "watch": {"poll_interval": k["poll_interval"], "stall_timeout": k["stall_timeout"],
                   "startup_timeout": k["startup_timeout"], "stop_grace": k["stop_grace"],
@@ -526,6 +623,8 @@ def train_args(plan, paths):
             "--keep_checkpoints", str(t["keep_checkpoints"])]
     if t["epochs"]:
         args += ["--epochs", str(t["epochs"])]
+    if t.get("activation_checkpointing"):
+        args += ["--activation_checkpointing"]
     if t["resume"]:
         args += ["--resume"]
     if plan["nodes"] > 1:

@@ -56,10 +56,32 @@ def plan_table(plan):
                         sizing["block_size"], sizing["device_mib"], sizing["model_states_mib"],
                         sizing["activations_mib"], sizing["runtime_mib"], sizing["smallest_device"]["memory_mib"],
                         sizing["smallest_device"]["host"], sizing["smallest_device"]["name"]))
+        if sizing.get("chosen_by_plan"):
+            lines.append("chosen by the plan (%s): %s" % (", ".join(sizing["chosen_by_plan"]), _why_chosen(sizing)))
     elif sizing:
         lines.append("memory: " + sizing["note"])
     lines += ["warning: " + w for w in plan["warnings"]]
     return lines
+
+
+def _config_name(row):
+    return "ZeRO-%d%s" % (row["zero_stage"], " + offload" if row["offload"] == "cpu" else "")
+
+
+def _why_chosen(sizing):
+    """What the plan passed over and what it took, from sizing["considered"] (in the order it tried them)."""
+    last = {}
+    for row in sizing.get("considered") or []:
+        if row["rejected"]:
+            last[_config_name(row)] = row  # the smallest micro batch tried, with checkpointing when it was tried
+    passed = ["%s %s even at micro batch %d%s" % (name, row["rejected"].split(", over")[0], row["micro_batch"],
+                                                  " with activation checkpointing"
+                                                  if row["activation_checkpointing"] else "")
+              for name, row in last.items()]
+    took = "%s, micro batch %d x %d accumulated%s" % (
+        _config_name(sizing), sizing["micro_batch"], sizing["grad_accum"],
+        ", activation checkpointing" if sizing["activation_checkpointing"] else "")
+    return "; ".join(passed + ["so " + took if passed else took + " (the least sharded that fits)"])
 
 
 def status_json(text):

@@ -1,11 +1,13 @@
 """Memory per device and per host of a training configuration, from the model's shape (pure).
 
 Model states follow DeepSpeed's own estimators (deepspeed/runtime/zero/stage_1_and_2.py
-``estimate_zero2_model_states_mem_needs`` and stage3.py ``estimate_zero3_model_states_mem_needs``, the ``zero_init=False``
-case: today's training module loads the whole model on every rank), with the bytes per parameter that DeepSpeed's
-comment spells out for 16-bit training: 2 (16-bit params) + 2 (16-bit grads) + 4 (fp32 grads) + 4 (fp32 params) +
+``estimate_zero2_model_states_mem_needs`` and stage3.py ``estimate_zero3_model_states_mem_needs``; under ZeRO-3 the
+training module builds the model inside ``deepspeed.zero.Init``, the estimator's ``zero_init=True`` case), with the
+bytes per parameter that DeepSpeed's comment spells out for 16-bit training: 2 (16-bit params) + 2 (16-bit grads) + 4 (fp32 grads) + 4 (fp32 params) +
 8 (Adam momentum and variance) = 2 + 18. ZeRO-1 and ZeRO-0, which DeepSpeed gives no estimator for, keep the same
-components with less of them partitioned; fp32 training has no 16-bit copies (4 + 4 + 8).
+components with less of them partitioned; fp32 training has no 16-bit copies (4 + 4 + 8). The host memory to load
+the model counts each rank reading the whole model in the load precision: DeepSpeed's estimators assume fp32 (4
+bytes); the training module loads 16-bit models in 16 bits (``load_bytes=2``).
 
 Activations per micro batch use Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
 Models" (arXiv:2205.05198), eq. 1: s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit; transformers trains with SDPA
@@ -31,37 +33,40 @@ def _per_param(precision):
     return 4, 4, 0, 0, 8
 
 
-def model_states(params, largest_layer, stage, offload, world, ranks_per_host, nodes, precision):
-    """{"device": bytes per device, "host": bytes per host} of the model states; for 16-bit stage 2 and 3 exactly
-    DeepSpeed's estimators (zero_init=False)."""
+def model_states(params, largest_layer, stage, offload, world, ranks_per_host, nodes, precision, zero_init=False,
+                 load_bytes=4):
+    """{"device": bytes per device, "host": bytes per host} of the model states; for 16-bit stage 2 and 3 with the
+    defaults exactly DeepSpeed's estimators (``zero_init``: stage 3's model built partitioned by zero.Init;
+    ``load_bytes``: bytes per parameter of the copy each rank loads, 4 in DeepSpeed's estimators)."""
     p, g, m, g32, o = _per_param(precision)
     rest = g + m + g32 + o  # 18 in 16-bit
     cpu = offload == "cpu"
+    load = load_bytes * ranks_per_host
     if stage == 3:
         if cpu:
             device = 4 * largest_layer + int(p * params / world)
-            host = params * max(4 * ranks_per_host, (rest - 2) / nodes) * LOAD_BUFFER
+            host = params * ((rest - 2) / nodes if zero_init else max(load, (rest - 2) / nodes)) * LOAD_BUFFER
         else:
             # DeepSpeed's estimator counts 18 bytes here in 16-bit (the 16-bit partition inside); fp32 has no copy
             device = 4 * largest_layer + int((rest if p == 2 else p + rest) * params / world)
-            host = params * 4 * ranks_per_host * LOAD_BUFFER
+            host = (largest_layer if zero_init else params) * load * LOAD_BUFFER
     elif stage == 2:
         if cpu:
             device = p * params
-            host = params * max(4 * world, rest - 2) * LOAD_BUFFER
+            host = params * max(load_bytes * world, rest - 2) * LOAD_BUFFER
         else:
             device = p * params + int(rest * params / world)
-            host = params * 4 * ranks_per_host * LOAD_BUFFER
+            host = params * load * LOAD_BUFFER
     elif stage == 1:
         if cpu:
             device = (p + g) * params
-            host = params * max(4 * world, rest - g) * LOAD_BUFFER
+            host = params * max(load_bytes * world, rest - g) * LOAD_BUFFER
         else:
             device = (p + g) * params + int((m + g32 + o) * params / world)
-            host = params * 4 * ranks_per_host * LOAD_BUFFER
+            host = params * load * LOAD_BUFFER
     else:
         device = (p + rest) * params
-        host = params * 4 * ranks_per_host * LOAD_BUFFER
+        host = params * load * LOAD_BUFFER
     return {"device": int(device), "host": int(host)}
 
 
@@ -77,10 +82,10 @@ def activations(shape, micro_batch, block_size, precision, checkpointing=False):
 
 
 def need(shape, stage, offload, micro_batch, block_size, precision, world, ranks_per_host, nodes, kind,
-         checkpointing=False):
+         checkpointing=False, zero_init=False, load_bytes=4):
     """Bytes one rank needs on its device and one host needs in RAM, by component."""
     states = model_states(shape["params"], shape["largest_layer"], stage, offload, world, ranks_per_host, nodes,
-                          precision)
+                          precision, zero_init, load_bytes)
     act = activations(shape, micro_batch, block_size, precision, checkpointing)
     runtime = RUNTIME_MIB[kind] * MIB
     return {"model_states": states["device"], "activations": act, "runtime": runtime,
@@ -91,15 +96,12 @@ def mib(value):
     return int(math.ceil(value / MIB))
 
 
-def candidates(shape, precision, micro_batch, block_size, world, ranks_per_host, nodes, kind):
-    """Every (stage, offload, micro batch) from least to most sharded, at the given micro batch and below."""
-    out = []
-    for stage in (0, 1, 2, 3):
-        for offload in ("none", "cpu"):
-            if stage == 0 and offload == "cpu":
-                continue  # DeepSpeed offloads from ZeRO-1 on
-            for mb in sorted({micro_batch, max(1, micro_batch // 2), 1}, reverse=True):
-                n = need(shape, stage, offload, mb, block_size, precision, world, ranks_per_host, nodes, kind)
-                out.append({"zero_stage": stage, "offload": offload, "micro_batch": mb,
-                            "device_mib": mib(n["device"]), "host_mib": mib(n["host"])})
-    return out
+# Least communication first: ZeRO-2 moves what plain data parallelism moves (reduce-scatter + all-gather = one
+# all-reduce) and holds less than ZeRO-1 (which moves the same); ZeRO-3 adds an all-gather of the parameters in
+# the backward pass (1.5x); offloading the optimizer adds host<->device traffic of the gradients and parameters
+# every step and runs Adam on the CPU (ZeRO-Offload, Ren et al. 2021), so it comes after both.
+ORDER = ((2, "none"), (3, "none"), (2, "cpu"), (3, "cpu"))
+
+
+def divisors_desc(n, cap=None):
+    return [d for d in range(min(n, cap or n), 0, -1) if n % d == 0]

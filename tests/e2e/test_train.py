@@ -8,6 +8,7 @@ contract is checked by running the script. test_deepspeed_run launches a real
 2-rank CPU DeepSpeed run with the gloo backend.
 """
 import json
+import math
 import os
 import socket
 import subprocess
@@ -313,6 +314,39 @@ def test_deepspeed_run_trains_checkpoints_exports_and_resumes(tmp_path):
     assert (out / "checkpoint" / "latest").read_text().strip() == "global_step24"
 
 
+def test_zero3_builds_only_each_ranks_partition_and_recomputes_activations(tmp_path):
+    """Under ZeRO-3 the module builds the model inside deepspeed.zero.Init (transformers' HfDeepSpeedConfig): no
+    rank ever holds the whole model; --activation_checkpointing turns on the model's gradient checkpointing."""
+    ds_config = tmp_path / "ds_config.json"
+    ds_config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                                     "zero_optimization": {"stage": 3}, "steps_per_print": 1000}))
+    out = tmp_path / "run"
+    _launch(ds_config, out, "--max_steps", 6, "--log_every", 1, "--activation_checkpointing")
+    events = _events(out)
+    start, end = events[0], events[-1]
+    assert (start["zero_stage"], start["world_size"], start["activation_checkpointing"]) == (3, 2, True)
+    tensors = run_py("""
+        kind, where = T.resolve_model("tiny")
+        config, _ = T.load_config_and_tokenizer(kind, where)
+        model, keep = T.build_model(kind, where, config, 1234, "bf16")
+        out({"tensors": len(list(model.parameters())), "params": T.parameter_count(model), "keep": keep is None,
+             "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+             "attn": model.config._attn_implementation})
+    """)
+    # a 16-bit run builds in 16 bits (no fp32 copy), with SDPA attention; outside ZeRO-3 nothing to keep alive
+    assert tensors["dtypes"] == ["torch.bfloat16"] and tensors["attn"] == "sdpa" and tensors["keep"]
+    assert start["params"] == tensors["params"]
+    # rank 0 held half of every tensor (ZeRO-3 pads each to a multiple of the world size) from the start
+    assert start["params"] / 2 <= start["params_here"] <= start["params"] / 2 + tensors["tensors"]
+    assert end["steps"] == 6 and math.isfinite(end["final_loss"]) and end["peak_rss_mib"] > 0
+    loaded = run_py(f"""
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out / 'export')!r}, local_files_only=True)
+        out({{"params": sum(p.numel() for p in model.parameters())}})
+    """)
+    assert loaded["params"] == start["params"]
+
+
 def test_offload_steps_the_same_optimizer_as_without(tmp_path):
     """The plan's ds_config with and without offload=cpu: the same AdamW settings reach the optimizer that steps
     (torch's AdamW, DeepSpeed's CPU Adam), norms and biases undecayed in both, and the same losses step by step."""
@@ -339,7 +373,7 @@ def test_offload_steps_the_same_optimizer_as_without(tmp_path):
         runs = {{}}
         for name, path in (("none", {str(configs["none"])!r}), ("cpu", {str(configs["cpu"])!r})):
             cfg, s = T.read_ds_config(path)
-            model = T.build_model(kind, where, config, 1234)
+            model, _ = T.build_model(kind, where, config, 1234)
             groups = T.param_groups(model, s["weight_decay"])
             engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=cfg)
             inner = getattr(opt, "optimizer", opt)

@@ -3,6 +3,7 @@ mixes (tests/fixtures/configs; the counts below are what transformers builds, ch
 tests/e2e/test_sizing_against_tools.py)."""
 import json
 import pathlib
+import re
 
 import pytest
 from test_plan import A100, RTX4090, gpu, host
@@ -84,14 +85,102 @@ def test_a_configuration_that_cannot_fit_stops_the_plan_naming_the_nearest_that_
                                         r"4 x 128 tokens needs \d+ MiB per device .* the smallest, NVIDIA GeForce RTX "
                                         r"4090 on ws, has 24564 MiB. The nearest configuration that fits: "
                                         r"-e zero_stage=2 -e offload=cpu -e micro_batch=4"):
-        plan(fleet, "llama-2-7b")
-    assert plan(fleet, "llama-2-7b", offload="cpu")["sizing"]["fits"]
+        plan(fleet, "llama-2-7b", zero_stage=2, offload="none", micro_batch=4)   # the user's stage kept
+    with pytest.raises(PlanError, match=r"ZeRO-0, bf16, micro batch 4 .* nearest configuration that fits: "
+                                        r"-e zero_stage=3 -e offload=none -e micro_batch=2 \("):
+        plan(fleet, "llama-2-7b", zero_stage=0)   # nothing fits at ZeRO-0: the plan's own choice
+    assert plan(fleet, "llama-2-7b", offload="cpu")["sizing"]["zero_stage"] == 2
+
+
+def test_left_unset_the_plan_picks_the_least_sharded_configuration_that_fits_and_says_why():
+    """Mixed cards: ZeRO-2 cannot fit the 24 GB cards at any micro batch, ZeRO-3 can at micro batch 2, so every rank
+    gets ZeRO-3 and micro batch 2; the sizing keeps what it passed over and why."""
+    fleet = [big("srv", 11, [A100(i) for i in range(4)], 512), big("ws", 12, [RTX4090(0), RTX4090(1)], 512)]
+    p = plan(fleet, "llama-2-7b")
+    s = p["sizing"]
+    assert (s["zero_stage"], s["offload"], s["micro_batch"], s["grad_accum"], s["activation_checkpointing"]) == \
+        (3, "none", 2, 1, False)
+    assert (p["zero"], p["batch"]["micro"], p["batch"]["global"]) == ({"stage": 3, "offload": "none"}, 2, 12)
+    assert p["ds_config"]["zero_optimization"]["stage"] == 3 and p["ds_config"]["train_micro_batch_size_per_gpu"] == 2
+    assert s["device_mib"] <= 24564 * SZ.DEVICE_USE and s["zero_init"] is True
+    assert s["chosen_by_plan"] == ["zero_stage", "offload", "micro_batch", "activation_checkpointing"]
+    rejected = [(c["zero_stage"], c["activation_checkpointing"], c["micro_batch"]) for c in s["considered"]
+                if c["rejected"]]
+    assert rejected == [(2, False, 1), (2, True, 1)]   # ZeRO-2 fails even at micro batch 1, with checkpointing
+    assert all("over the 22107 MiB" in c["rejected"] for c in s["considered"] if c["rejected"])
+    table = "\n".join(R.plan_table(p))
+    assert "ZeRO-3 bf16, micro batch 2 x 128 tokens" in table
+    assert ("chosen by the plan (zero_stage, offload, micro_batch, activation_checkpointing): ZeRO-2 needs 33236 MiB "
+            "per device even at micro batch 1 with activation checkpointing; so ZeRO-3, micro batch 2 x 1 "
+            "accumulated") in table, table
 
 
 def test_host_memory_counts_every_rank_loading_the_whole_model():
-    # four ranks each read the 7B model in fp32 before training starts: 161 GB on a 64 GiB host
-    with pytest.raises(PlanError, match=r"needs 154231 MiB of host memory on srv to load it"):
-        plan([big("srv", 11, [A100(i) for i in range(4)], 64)], "llama-2-7b", precision="bf16")
+    # four ranks each read the 7B model in bf16 before ZeRO-2 partitions it: 77 GiB on a 64 GiB host; ZeRO-3 builds
+    # it partitioned (deepspeed.zero.Init) and fits
+    fleet = [big("srv", 11, [A100(i) for i in range(4)], 64)]
+    with pytest.raises(PlanError, match=r"needs 77116 MiB of host memory on srv to load it"):
+        plan(fleet, "llama-2-7b", precision="bf16", zero_stage=2)
+    s = plan(fleet, "llama-2-7b", precision="bf16")["sizing"]
+    assert (s["zero_stage"], s["micro_batch"]) == (3, 4)
+    assert s["considered"][0]["rejected"] == "needs 77116 MiB of host memory on srv"
+
+
+def test_a_global_batch_takes_the_largest_micro_batch_that_fits_and_accumulates_the_rest():
+    fleet = [big("srv", 11, [A100(i) for i in range(4)], 512)]
+    p = plan(fleet, "llama-2-7b", precision="bf16", global_batch=256)
+    s = p["sizing"]
+    assert (s["zero_stage"], s["micro_batch"], s["grad_accum"]) == (2, 32, 2)
+    assert p["batch"] == {"micro": 32, "grad_accum": 2, "global": 256}
+    assert p["ds_config"]["train_batch_size"] == 256 and p["ds_config"]["gradient_accumulation_steps"] == 2
+    # 64 per rank would not fit: the plan says so in what it considered first
+    assert s["considered"][0]["micro_batch"] == 32 and s["considered"][0]["rejected"] is None
+    too_big = SZ.need(SH.model_shape(config("llama-2-7b")), 2, "none", 64, 128, "bf16", 4, 4, 1, "gpu",
+                      load_bytes=2)
+    assert SZ.mib(too_big["device"]) > 81920 * SZ.DEVICE_USE
+    # the user's micro batch is kept when it divides
+    assert plan(fleet, "llama-2-7b", precision="bf16", global_batch=256, micro_batch=8)["batch"] == \
+        {"micro": 8, "grad_accum": 8, "global": 256}
+
+
+@pytest.mark.parametrize("knobs,message", [
+    ({"global_batch": 6}, "global_batch=6 does not divide over the plan's 4 ranks; pass a multiple of 4 "
+                          "(e.g. -e global_batch=4)"),
+    ({"global_batch": 64, "grad_accum": 2}, "global_batch=64 and grad_accum=2 were both passed; pass one"),
+    ({"global_batch": 64, "micro_batch": 3}, "global_batch=64 is 16 sequences per rank over 4 ranks, which "
+                                             "micro_batch=3 does not divide; pass a micro_batch among 16, 8, 4, 2, 1"),
+])
+def test_a_global_batch_that_cannot_be_met_is_refused_naming_the_fix(knobs, message):
+    with pytest.raises(PlanError, match=re.escape(message)):
+        plan([big("srv", 11, [A100(i) for i in range(4)], 512)], "llama-2-7b", **knobs)
+
+
+def test_activation_checkpointing_only_when_nothing_fits_without_it():
+    fleet = [big("ws", 12, [RTX4090(0), RTX4090(1)], 512)]
+    s = plan(fleet, "llama-2-7b", block_size=4096)["sizing"]
+    assert (s["zero_stage"], s["offload"], s["micro_batch"], s["activation_checkpointing"]) == (2, "cpu", 2, True)
+    assert [c["rejected"] is None for c in s["considered"]][-1] and \
+        all(c["rejected"] for c in s["considered"] if not c["activation_checkpointing"])
+    p = plan(fleet, "llama-2-7b", block_size=4096)
+    assert p["training"]["activation_checkpointing"] is True and "--activation_checkpointing" in json.dumps(p)
+    assert "--activation_checkpointing" not in json.dumps(plan(fleet, "llama-2-7b"))
+    assert plan(fleet, "llama-2-7b", block_size=128)["sizing"]["activation_checkpointing"] is False
+    with pytest.raises(PlanError, match="nearest configuration that fits: .* -e activation_checkpointing=true"):
+        plan(fleet, "llama-2-7b", block_size=4096, activation_checkpointing=False)
+
+
+def test_the_bundled_tiny_model_keeps_todays_plan():
+    p = P.make_plan([host("cpu1", 11, cores=8)], {"run_id": "r"}, None,
+                    json.loads((CONFIGS.parents[2] / "train" / "presets" / "tiny" / "config.json").read_text()))
+    assert (p["zero"], p["batch"]) == ({"stage": 2, "offload": "none"}, {"micro": 4, "grad_accum": 1, "global": 8})
+    assert p["sizing"]["known"] and p["sizing"]["chosen_by_plan"]
+
+
+def test_not_sized_a_global_batch_still_sets_micro_batch_and_accumulation():
+    p = P.make_plan([host("srv", 11, [A100(i) for i in range(4)])], {"run_id": "r", "global_batch": 48})
+    assert p["sizing"] is None and p["batch"] == {"micro": 4, "grad_accum": 3, "global": 48}
+    p = P.make_plan([host("srv", 11, [A100(i) for i in range(4)])], {"run_id": "r", "global_batch": 24})
+    assert p["batch"] == {"micro": 3, "grad_accum": 2, "global": 24}
 
 
 def test_nothing_fits_says_what_would_help():

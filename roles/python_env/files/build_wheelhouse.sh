@@ -19,4 +19,5 @@ build="$dest/.build-venv"
 # shellcheck disable=SC2086
 "$build/bin/pip" download -q -d "$dest" $extra "$torch" "$dest"/deepspeed-*.whl "$@"
 rm -rf "$build"
-date -u +%FT%TZ > "$dest/.complete"
+# what it was built from: setup.yml builds it again when the pins differ
+printf '%s\n' "$torch $deepspeed $*" > "$dest/.complete"
