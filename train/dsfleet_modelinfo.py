@@ -84,8 +84,8 @@ def _chat_template(where):
 
 
 def model_info(model):
-    """{"model", "dir", "found", "error", "config": {...}, "params", "bytes", "dtype", "weights": [files],
-    "tokenizer", "chat_template"}; ``error`` names what is missing and what to do."""
+    """{"model", "dir", "found", "error", "config": {...}, "raw_config" (config.json itself), "params", "bytes",
+    "dtype", "weights": [files], "tokenizer", "chat_template"}; ``error`` names what is missing and what to do."""
     info = {"model": model, "dir": None, "found": False, "error": None, "config": None, "params": None,
             "bytes": 0, "dtype": None, "weights": [], "tokenizer": False, "chat_template": False}
     where = os.path.expanduser(model)
@@ -103,6 +103,7 @@ def model_info(model):
     except (OSError, ValueError) as e:
         info["error"] = "%s has no readable config.json (%s): it is not a Hugging Face model directory" % (where, e)
         return info
+    info["raw_config"] = config  # the planner sizes memory from it when only the hosts have the model
     text = config.get("text_config") or {}
     pick = lambda *names: next((c[n] for c in (config, text) for n in names if c.get(n) is not None), None)  # noqa: E731
     heads = pick("num_attention_heads", "n_head", "num_heads")

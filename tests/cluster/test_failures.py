@@ -324,6 +324,31 @@ def test_a_dataset_only_the_controller_has_trains_on_every_host(cluster, tmp_pat
     assert summary["steps"] == 2 and summary["dataset"] == str(data)
 
 
+def test_a_model_only_the_hosts_have_is_sized_from_the_masters_config(cluster, tmp_path):
+    """The controller has no config.json for a path that lies only on the hosts (their own /root): the plan reads
+    it on the master and sizes the model from it; a 7B model then does not fit three CPU ranks, before anything
+    starts. A model that is nowhere says so in the plan."""
+    configs = ROOT / "tests" / "fixtures" / "configs"
+    for name, fixture in (("hostonly-gpt2", "gpt2"), ("hostonly-7b", "llama-2-7b")):
+        assert not pathlib.Path("/root", name).exists()
+        for host in cluster.names:
+            folder = home(cluster, host) / name
+            folder.mkdir(exist_ok=True)
+            (folder / "config.json").write_text((configs / ("%s.json" % fixture)).read_text())
+    dry, run_id, _ = launch(cluster, tmp_path, dry_run=True, model="/root/hostonly-gpt2")
+    assert dry.rc == 0, dry.stdout[-3000:]
+    sizing = json.loads((RUNS / run_id / "plan.json").read_text())["sizing"]
+    assert sizing["known"] and (sizing["family"], sizing["params"]) == ("gpt2", 124439808), sizing
+    big, _, took = launch(cluster, tmp_path, dry_run=True, model="/root/hostonly-7b")
+    assert big.rc != 0 and took < 60
+    assert any("the model does not fit: 6,738,415,616 parameters (llama)" in f for f in big.failures), big.failures
+    nowhere, nowhere_id, _ = launch(cluster, tmp_path, dry_run=True, model="/root/no-such-model")
+    assert nowhere.rc == 0, nowhere.stdout[-3000:]
+    note = json.loads((RUNS / nowhere_id / "plan.json").read_text())["sizing"]["note"]
+    assert note.startswith("not sized: no config.json for /root/no-such-model on the controller nor on h1: "
+                           "/root/no-such-model is neither a directory nor a hub id"), note
+
+
 def test_unreachable_host_fails_fast(cluster, tmp_path):
     # last: the host stays down. Its sshd is stopped by PID, as the rig recorded it.
     os.kill(cluster.host("h3")["sshd_pid"], signal.SIGTERM)
