@@ -405,11 +405,12 @@ def cmd_start(args):
     os.write(write_fd, json.dumps(state).encode())
     os.close(write_fd)
     rc, _ = watch(child, run_dir, state["started_at"], args.stall_timeout, args.startup_timeout, args.grace)
+    # before rc: once rc exists the log is final (the controller fetches it, checksummed); the ranks have exited
+    # (DeepSpeed's launcher waits for them; a stopped group was killed and waited for), so their maps are gone
+    _log_tidy(log, tidy(env))
     with open(os.path.join(run_dir, RC + ".tmp"), "w") as f:
         f.write("%d\n" % rc)
     os.replace(os.path.join(run_dir, RC + ".tmp"), os.path.join(run_dir, RC))
-    time.sleep(0.5)  # the ranks' own exits (the launcher reaps them; a killed group may still be unmapping)
-    _log_tidy(log, tidy(env))
     os._exit(0)
 
 
