@@ -347,6 +347,8 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
     every host under its dsfleet home (there is no shared filesystem), unless the plan is this machine alone."""
     k = normalize_knobs(knobs)
     given = {name for name, value in (knobs or {}).items() if value is not None}
+    if k["resume"] and k["global_batch"]:
+        given.discard("grad_accum")  # the resumed run's stored accumulation was derived from its global_batch
     if k["resume"]:
         k["run_id"] = k["resume"]
     if not k["run_id"]:

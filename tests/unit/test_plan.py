@@ -490,6 +490,19 @@ def test_resume_on_another_world_keeps_the_global_batch_and_says_so():
     assert odd["batch"]["global"] == 8 and "does not divide" in odd["resume"]["note"]
 
 
+def test_a_run_planned_by_global_batch_resumes_with_its_stored_knobs():
+    """A resume re-plans from the knobs plan.json stored (the derived grad_accum among them): the global batch is
+    kept, on the same world and on a smaller one."""
+    hosts = [host("a", 11, [A100(0)]), host("b", 12, [A100(0)]), host("c", 13, [A100(0)]), host("d", 14, [A100(0)])]
+    first = P.make_plan(hosts, {"run_id": "r", "global_batch": 32})
+    assert first["batch"] == {"micro": 4, "grad_accum": 2, "global": 32}
+    stored = {n: v for n, v in first["knobs"].items() if n not in ("run_id", "resume", "dry_run", "follow")}
+    again = P.make_plan(hosts, dict(stored, resume="r"), first["layout"])
+    assert again["batch"] == first["batch"] and again["resume"]["same_layout"]
+    fewer = P.make_plan(hosts[:2], dict(stored, resume="r"), first["layout"])
+    assert fewer["batch"] == {"micro": 4, "grad_accum": 4, "global": 32}
+
+
 def test_staging_is_one_command_per_host():
     plan = _two_host_plan()
     a, b = (h["commands"]["stage"]["argv"] for h in plan["hosts"])
