@@ -122,7 +122,9 @@ def run(stage, model_dir, work, steps, micro):
                 break
             time.sleep(0.5)
         else:
-            sys.exit("ZeRO-%d run ended or timed out before %d steps; see %s" % (stage, steps, log.name))
+            log.flush()
+            tail = pathlib.Path(log.name).read_text(errors="replace").splitlines()[-40:]
+            sys.exit("ZeRO-%d run ended or timed out before %d steps:\n%s" % (stage, steps, "\n".join(tail)))
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -143,6 +145,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--stages", default="2,3", help="ZeRO stages to measure, e.g. 3")
     args = parser.parse_args()
     work = pathlib.Path(tempfile.mkdtemp(prefix="dsfleet-loadmem-"))
     try:
@@ -151,7 +154,7 @@ def main():
                                 str(ROOT / "train" / "presets" / "tiny")], capture_output=True, text=True)
         if built.returncode != 0:
             sys.exit(built.stderr[-3000:])
-        rows = [run(stage, model_dir, work, args.steps, args.micro_batch) for stage in (2, 3)]
+        rows = [run(int(stage), model_dir, work, args.steps, args.micro_batch) for stage in args.stages.split(",")]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {"model": "Qwen2-0.5B architecture, random weights, fp32", "ranks": 2, "machine_mib": meminfo_mib(),
