@@ -87,6 +87,14 @@ def rank_pids(out_dir):
     return pids
 
 
+def tidy_shm():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("dsfleet_node", ROOT / "roles" / "launch" / "files" / "dsfleet_node.py")
+    node = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(node)
+    node.tidy()
+
+
 def record():
     """This machine as the plan role would record it: a CPU host, its cores and memory."""
     return {"name": "localhost", "address": "localhost", "reachable": True, "local": True, "home": "/h",
@@ -131,6 +139,7 @@ def run(stage, model_dir, work, steps, micro):
         except ProcessLookupError:
             pass
         proc.wait()
+        tidy_shm()  # ranks killed here, not under dsfleet's supervisor: their /dev/shm segments are ours to remove
     first = events[0]
     s = plan["sizing"]
     return {"zero_stage": stage, "micro_batch": micro, "steps": steps, "params": first["params"],

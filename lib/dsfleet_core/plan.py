@@ -269,7 +269,7 @@ def _sizing(k, given, config, plan_hosts, records, precision, accelerator):
             "{:,}".format(shape["params"]), shape["family"],
             "ZeRO-%d%s" % (first["zero_stage"], " + offload" if first["offload"] == "cpu" else ""),
             precision, first["micro_batch"], k["block_size"])
-        n0, why0, short0 = verdict(first["zero_stage"], first["offload"], first["micro_batch"],
+        n0, _, short0 = verdict(first["zero_stage"], first["offload"], first["micro_batch"],
                                    first["activation_checkpointing"])
         why = ("needs %d MiB per device (model states %d, activations %d, runtime %d); the smallest, %s on %s, has "
                "%d MiB" % (SZ.mib(n0["device"]), SZ.mib(n0["model_states"]), SZ.mib(n0["activations"]),

@@ -159,8 +159,8 @@ def test_activation_checkpointing_only_when_nothing_fits_without_it():
     fleet = [big("ws", 12, [RTX4090(0), RTX4090(1)], 512)]
     s = plan(fleet, "llama-2-7b", block_size=4096)["sizing"]
     assert (s["zero_stage"], s["offload"], s["micro_batch"], s["activation_checkpointing"]) == (2, "cpu", 2, True)
-    assert [c["rejected"] is None for c in s["considered"]][-1] and \
-        all(c["rejected"] for c in s["considered"] if not c["activation_checkpointing"])
+    assert s["considered"][-1]["rejected"] is None and s["considered"][-1]["activation_checkpointing"]
+    assert all(c["rejected"] for c in s["considered"] if not c["activation_checkpointing"])
     p = plan(fleet, "llama-2-7b", block_size=4096)
     assert p["training"]["activation_checkpointing"] is True and "--activation_checkpointing" in json.dumps(p)
     assert "--activation_checkpointing" not in json.dumps(plan(fleet, "llama-2-7b"))
