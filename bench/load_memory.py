@@ -63,10 +63,11 @@ def meminfo_mib():
         return int(next(line for line in f if line.startswith("MemTotal")).split()[1]) // 1024
 
 
-def vm_hwm_mib(pid):
+def vm_mib(pid, field="VmHWM"):
+    """VmHWM (peak resident) or VmRSS (resident now) of a process, MiB; None once it is gone."""
     try:
         with open("/proc/%d/status" % pid) as f:
-            return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) / 1024
+            return int(next(line for line in f if line.startswith(field)).split()[1]) / 1024
     except (OSError, StopIteration):
         return None
 
@@ -103,30 +104,47 @@ def record():
                     "cpu": {"cores": os.cpu_count(), "memory_mib": meminfo_mib(), "bf16": False}}}
 
 
-def run(stage, model_dir, work, steps, micro):
+BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+               "stage3_param_persistence_threshold")
+
+
+def run(stage, model_dir, work, steps, micro, variant="plan"):
+    """One measured run. ``variant``: "plan", the ds_config as the plan renders it; "defaults", the same without
+    the model-scaled buckets and the fused AdamW (DeepSpeed's default buckets, torch's default Adam path: what
+    dsfleet rendered before)."""
     plan = P.make_plan([record()], {"run_id": "bench", "zero_stage": stage, "offload": "none", "cpu_ranks": 2,
                                     "precision": "fp32", "micro_batch": micro}, None, dict(QWEN2_0_5B))
-    ds_config = work / ("ds-zero%d.json" % stage)
-    ds_config.write_text(json.dumps(plan["ds_config"]))
-    out = work / ("run-zero%d" % stage)
+    config = json.loads(json.dumps(plan["ds_config"]))
+    if variant == "defaults":
+        for key in BUCKET_KEYS:
+            config["zero_optimization"].pop(key, None)
+        config["optimizer"]["params"].pop("fused", None)
+    name = "zero%d-%s" % (stage, variant)
+    ds_config = work / ("ds-%s.json" % name)
+    ds_config.write_text(json.dumps(config))
+    out = work / ("run-%s" % name)
     cmd = [PYTHON, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            str(ROOT / "train" / "train.py"), "--deepspeed_config", str(ds_config), "--output_dir", str(out),
            "--model", str(model_dir), "--dataset", "bundled", "--max_steps", "1000", "--block_size", "128",
            "--log_every", "1", "--save_every_minutes", "0"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
-    log = open(work / ("zero%d.log" % stage), "w")
+    log = open(work / ("%s.log" % name), "w")
     start = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    peaks, metrics = {}, out / "metrics.jsonl"
+    peaks, metrics, pids, resident = {}, out / "metrics.jsonl", set(), []
     try:
         while proc.poll() is None and time.time() - start < 3600:
             for pid in rank_pids(out):
-                value = vm_hwm_mib(pid)
+                pids.add(pid)
+                value = vm_mib(pid)
                 if value:
                     peaks[pid] = max(peaks.get(pid, 0), value)
             events = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-            if sum(1 for e in events if e["event"] == "step") >= steps:
+            done = sum(1 for e in events if e["event"] == "step")
+            if done > len(resident):  # resident memory of each rank as each step is logged: does it grow?
+                resident.append(sorted(round(vm_mib(pid, "VmRSS") or 0) for pid in pids))
+            if done >= steps:
                 break
             time.sleep(0.5)
         else:
@@ -139,14 +157,19 @@ def run(stage, model_dir, work, steps, micro):
         except ProcessLookupError:
             pass
         proc.wait()
+        deadline = time.time() + 60
+        while any(vm_mib(pid) is not None for pid in pids) and time.time() < deadline:
+            time.sleep(0.2)  # the ranks' segments stay mapped until they are gone
         tidy_shm()  # ranks killed here, not under dsfleet's supervisor: their /dev/shm segments are ours to remove
     first = events[0]
     s = plan["sizing"]
-    return {"zero_stage": stage, "micro_batch": micro, "steps": steps, "params": first["params"],
+    return {"zero_stage": stage, "variant": variant, "micro_batch": micro, "steps": steps, "params": first["params"],
             "params_here_rank0": first["params_here"], "load_peak_rss_mib_rank0": first["load_peak_rss_mib"],
             "peak_rss_mib_per_rank": sorted(round(v) for v in peaks.values()),
+            "rss_mib_per_rank_after_each_step": resident,
             "predicted_mib_per_rank": s["device_mib"], "predicted": {k: s[k] for k in (
-                "model_states_mib", "activations_mib", "runtime_mib", "host_mib")},
+                "model_states_mib", "activations_mib", "buffers_mib", "runtime_mib", "host_mib")},
+            "ds_config_zero": config["zero_optimization"], "optimizer": config["optimizer"],
             "seconds": round(time.time() - start, 1)}
 
 
@@ -154,7 +177,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--micro-batch", type=int, default=1)
-    parser.add_argument("--stages", default="2,3", help="ZeRO stages to measure, e.g. 3")
+    parser.add_argument("--runs", default="2:plan,2:defaults,3:plan",
+                        help="stage:variant pairs to measure (variant: plan or defaults), e.g. 3:plan")
     args = parser.parse_args()
     work = pathlib.Path(tempfile.mkdtemp(prefix="dsfleet-loadmem-"))
     try:
@@ -163,17 +187,18 @@ def main():
                                 str(ROOT / "train" / "presets" / "tiny")], capture_output=True, text=True)
         if built.returncode != 0:
             sys.exit(built.stderr[-3000:])
-        rows = [run(int(stage), model_dir, work, args.steps, args.micro_batch) for stage in args.stages.split(",")]
+        rows = [run(int(item.split(":")[0]), model_dir, work, args.steps, args.micro_batch, item.split(":")[1])
+                for item in args.runs.split(",")]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {"model": "Qwen2-0.5B architecture, random weights, fp32", "ranks": 2, "machine_mib": meminfo_mib(),
               "cpus": os.cpu_count(), "rows": rows, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
     (ROOT / "bench" / "results" / "load_memory.json").write_text(json.dumps(result, indent=1) + "\n")
-    print("stage  params       rank0 holds   load peak   peak RSS per rank   predicted/rank")
+    print("stage  ds_config  params       rank0 holds   load peak   peak RSS per rank   predicted/rank")
     for r in rows:
-        print("ZeRO-%d %-12s %-13s %-11s %-19s %s" % (
-            r["zero_stage"], "{:,}".format(r["params"]), "{:,}".format(r["params_here_rank0"]),
+        print("ZeRO-%d %-10s %-12s %-13s %-11s %-19s %s" % (
+            r["zero_stage"], r["variant"], "{:,}".format(r["params"]), "{:,}".format(r["params_here_rank0"]),
             "%d MiB" % r["load_peak_rss_mib_rank0"], ", ".join("%d" % v for v in r["peak_rss_mib_per_rank"]) + " MiB",
             "%d MiB" % r["predicted_mib_per_rank"]))
     return 0

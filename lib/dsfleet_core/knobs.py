@@ -92,7 +92,7 @@ KNOB_LIST = (
          "where it stopped; a host gone or added, other slots: through a universal checkpoint gathered from the "
          "hosts' shards and their copies)", shown="none"),
     Knob("zero_stage", int, 2, "deepspeed", "ZeRO stage; unset: the least sharded that fits the model on the "
-         "smallest device (2, then 3; 2 when the model is not sized)", choices=(0, 1, 2, 3), shown="auto (2)"),
+         "smallest device (2, then 3; CPU ranks: 2; 2 when the model is not sized)", choices=(0, 1, 2, 3), shown="auto (2)"),
     Knob("offload", str, "none", "deepspeed", "`cpu`: optimizer states on the CPU (DeepSpeed's CPU Adam, same "
          "AdamW settings as without offload); unset: only when nothing fits without it", choices=("none", "cpu"),
          shown="auto (none)"),
@@ -102,6 +102,9 @@ KNOB_LIST = (
          choices=("auto", "nvidia", "amd", "intel", "cpu")),
     Knob("cpu_ranks", int, 2, "hosts", "ranks per CPU-only host", minimum=1),
     Knob("exclude", list, [], "hosts", "host names to leave out (`-e exclude=a,b`)"),
+    Knob("use_all_devices", bool, False, "hosts", "keep every device; `false`: the plan leaves out the devices "
+         "with which the model does not fit or whose inclusion lowers the estimated tokens/s (every step waits for "
+         "the slowest), and names them and why"),
     Knob("require_all_hosts", bool, True, "hosts", "fail if a host is unreachable; `false`: leave it out and "
          "say so"),
     Knob("master", str, "", "hosts", "host for rank 0 (checkpoints and the export are written there)",

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import itertools
 import json
+import math
 
 from . import PlanError
 from . import knobs as K
@@ -125,6 +127,18 @@ def _group_of(host):
     return acc if (acc in VENDORS and gpu.get("gpus")) else "cpu"
 
 
+def _host_gpus(host, accelerator):
+    """The host's devices that may take part, by index: the first ``slots`` of them when the host sets slots."""
+    gpus = sorted((host.get("gpu") or {}).get("gpus") or [], key=lambda g: int(g["index"]))
+    limit = host.get("slots")
+    if limit:
+        if int(limit) > len(gpus):
+            _fail("host %s sets slots=%s but has only %d %s device(s); lower `slots` in its host vars"
+                  % (host["name"], limit, len(gpus), accelerator))
+        gpus = gpus[: int(limit)]
+    return gpus
+
+
 def _devices(host, accelerator, cpu_ranks):
     """(slots, device indices or None, device memory MiB per rank, bf16 ok, label) for a host in the plan."""
     gpu = host.get("gpu") or {}
@@ -133,13 +147,7 @@ def _devices(host, accelerator, cpu_ranks):
         slots = int(host.get("slots") or cpu_ranks)
         memory = int(cpu.get("memory_mib") or 0) // max(slots, 1)
         return slots, None, memory, bool(cpu.get("bf16")), cpu.get("model") or "cpu"
-    gpus = sorted(gpu.get("gpus") or [], key=lambda g: int(g["index"]))
-    limit = host.get("slots")
-    if limit:
-        if int(limit) > len(gpus):
-            _fail("host %s sets slots=%s but has only %d %s device(s); lower `slots` in its host vars"
-                  % (host["name"], limit, len(gpus), accelerator))
-        gpus = gpus[: int(limit)]
+    gpus = _host_gpus(host, accelerator)
     names = sorted(set(g.get("name") or "?" for g in gpus))
     return (len(gpus), [int(g["index"]) for g in gpus], min(int(g.get("memory_mib") or 0) for g in gpus),
             all(bool(g.get("bf16")) for g in gpus), ", ".join(names))
@@ -191,7 +199,7 @@ def _batch_plan(k, given, world):
 
 def _options(k, given, kind):
     """(stage, offload) and activation-checkpointing choices to try, in order, honouring what the user set."""
-    order = [c for c in SZ.ORDER if kind != "cpu" or c[1] == "none"]  # a CPU rank's device memory is the host's
+    order = list(SZ.CPU_ORDER if kind == "cpu" else SZ.ORDER)
     if "zero_stage" in given:
         order = [(k["zero_stage"], o) for o in ("none", "cpu") if kind != "cpu" or o == "none"]
         order = [c for c in order if not (c[0] == 0 and c[1] == "cpu")]
@@ -271,9 +279,10 @@ def _sizing(k, given, config, plan_hosts, records, precision, accelerator):
             precision, first["micro_batch"], k["block_size"])
         n0, _, short0 = verdict(first["zero_stage"], first["offload"], first["micro_batch"],
                                    first["activation_checkpointing"])
-        why = ("needs %d MiB per device (model states %d, activations %d, runtime %d); the smallest, %s on %s, has "
-               "%d MiB" % (SZ.mib(n0["device"]), SZ.mib(n0["model_states"]), SZ.mib(n0["activations"]),
-                           SZ.mib(n0["runtime"]), smallest["device_name"], smallest["name"], smallest["memory_mib"])
+        why = ("needs %d MiB per device (model states %d, activations %d, buffers %d, runtime %d); the smallest, %s "
+               "on %s, has %d MiB" % (SZ.mib(n0["device"]), SZ.mib(n0["model_states"]), SZ.mib(n0["activations"]),
+                                      SZ.mib(n0["buffers"]), SZ.mib(n0["runtime"]), smallest["device_name"],
+                                      smallest["name"], smallest["memory_mib"])
                if not short0 or SZ.mib(n0["device"]) > room else
                "needs %d MiB of host memory on %s to load it and hold what is offloaded" % (SZ.mib(n0["host"]),
                                                                                            ", ".join(short0)))
@@ -300,17 +309,156 @@ def _sizing(k, given, config, plan_hosts, records, precision, accelerator):
               "grad_accum": accum_of(chosen["micro_batch"]),
               "activation_checkpointing": chosen["activation_checkpointing"]}
     out = {"known": True, "family": shape["family"], "params": shape["params"], "params_active": shape["params_active"],
-           "largest_layer": shape["largest_layer"], "zero_stage": choice["zero_stage"], "offload": choice["offload"],
+           "largest_layer": shape["largest_layer"], "hidden": shape["hidden"],
+           "buckets": SZ.buckets(shape, choice["zero_stage"]), "zero_stage": choice["zero_stage"], "offload": choice["offload"],
            "micro_batch": choice["micro_batch"], "grad_accum": choice["grad_accum"],
            "activation_checkpointing": choice["activation_checkpointing"], "block_size": k["block_size"],
            "precision": precision, "zero_init": choice["zero_stage"] == 3, "load_bytes": load_bytes,
            "model_states_mib": SZ.mib(n["model_states"]), "activations_mib": SZ.mib(n["activations"]),
-           "runtime_mib": SZ.mib(n["runtime"]), "device_mib": SZ.mib(n["device"]), "host_mib": SZ.mib(n["host"]),
+           "buffers_mib": SZ.mib(n["buffers"]), "runtime_mib": SZ.mib(n["runtime"]), "device_mib": SZ.mib(n["device"]), "host_mib": SZ.mib(n["host"]),
            "smallest_device": {"host": smallest["name"], "name": smallest["device_name"],
                                "memory_mib": smallest["memory_mib"]},
            "fits": True, "chosen_by_plan": [name for name in AUTO_KNOBS if name not in given],
            "considered": considered}
     return out, choice
+
+
+def _link_gbps(members):
+    """The slowest host's fastest network link, Gbit/s, from the facts (None when a host's facts name no speed)."""
+    speeds = []
+    for host in members:
+        own = [int(i.get("speed_mbps") or 0) for i in host.get("interfaces") or [] if i.get("ipv4")
+               and i.get("name") != "lo"]
+        if not own or max(own) <= 0:
+            return None
+        speeds.append(max(own))
+    return min(speeds) / 1000.0 if speeds else None
+
+
+def _leave_out(k, given, config, members, accelerator):
+    """(members to plan with, [left out: {name, devices, device_name, reason}], speed summary or None).
+
+    Every rank gets the same micro batch and every step waits for the slowest rank, so a slow or small device can
+    cost the cluster more than it adds. For each set of device kinds (name and memory) the plan sizes the model
+    (lib/dsfleet_core/sizing.py) and estimates the step time (speed.py); it leaves out the kinds whose inclusion
+    makes the model not fit or lowers the estimated tokens per second by more than LEAVE_OUT_MARGIN, and names them
+    and why. ``use_all_devices`` keeps every device (the estimate is still reported)."""
+    from . import shape as SH
+    from . import speed as SP
+    try:
+        shape = SH.model_shape(config)
+    except (SH.ShapeError, KeyError, TypeError, ValueError):
+        return members, [], None
+    per_host = [(host, _host_gpus(host, accelerator)) for host in members]
+    kinds = sorted({(g.get("name") or "?", int(g.get("memory_mib") or 0), bool(g.get("bf16")))
+                    for _, gpus in per_host for g in gpus})
+    link = _link_gbps(members)
+
+    def evaluate(keep):
+        subset = []
+        for host, gpus in per_host:
+            mine = [g for g in gpus if (g.get("name") or "?", int(g.get("memory_mib") or 0), bool(g.get("bf16")))
+                    in keep]
+            if mine:
+                subset.append(dict(host, slots=None, gpu=dict(host["gpu"], gpus=mine)))
+        if not subset or (k["master"] and subset[0]["name"] != k["master"]):
+            return None
+        lite = []
+        for host in subset:
+            slots, _, mem, bf16, label = _devices(host, accelerator, k["cpu_ranks"])
+            lite.append({"name": host["name"], "slots": slots, "memory_mib": mem, "bf16": bf16,
+                         "device_name": label, "device_names": [g.get("name") or "?" for g in host["gpu"]["gpus"]]})
+        row = {"keep": sorted(keep), "hosts": subset, "world": sum(h["slots"] for h in lite)}
+        try:
+            precision = _precision(k, accelerator, lite)
+            sizing, choice = _sizing(k, given, config, lite, subset, precision, accelerator)
+        except PlanError as exc:
+            return dict(row, fits=False, why=str(exc).replace("dsfleet plan: ", ""))
+        est = SP.step_time(shape, choice["zero_stage"], choice["offload"], choice["micro_batch"], choice["grad_accum"],
+                           k["block_size"], precision, choice["activation_checkpointing"], lite, link)
+        return dict(row, fits=True, precision=precision, choice=choice, estimate=est,
+                    tokens_per_s=(est["tokens"] / est["step"]) if est else None)
+
+    everything = set(kinds)
+    full = evaluate(everything)
+    if len(kinds) < 2:
+        return members, [], _speed_summary(full, link)
+    subsets = [set(c) for n in range(len(kinds) - 1, 0, -1) for c in itertools.combinations(kinds, n)]
+    rows = [r for r in (evaluate(s) for s in subsets) if r is not None and r["fits"]]
+    best = None
+    if all(r["tokens_per_s"] is not None for r in rows) and rows:
+        best = max(rows, key=lambda r: (r["tokens_per_s"], r["world"]))
+    elif rows and not full["fits"]:
+        best = max(rows, key=lambda r: r["world"])  # speeds unknown: the most devices with which it fits
+    keep_full = best is None or (full["fits"] and (
+        full["tokens_per_s"] is None or best["tokens_per_s"] is None
+        or best["tokens_per_s"] <= full["tokens_per_s"] * (1 + LEAVE_OUT_MARGIN)))
+    if keep_full or k["use_all_devices"]:
+        summary = _speed_summary(full, link)
+        if summary and best is not None and not keep_full and summary.get("tokens_per_s"):
+            summary["note"] = "; ".join(filter(None, [
+                "use_all_devices=true keeps every device; without %s the estimate is %d tokens/s"
+                % (_kinds_text(everything - set(best["keep"])), best["tokens_per_s"]), summary["note"]]))
+        return members, [], summary
+    gone = everything - set(best["keep"])
+    if full["fits"]:
+        why = ("with them every step waits for the slowest device: estimated %d tokens/s on %d devices (%s, %s) "
+               "against %d tokens/s on %d without them (%s, %s)"
+               % (full["tokens_per_s"], full["world"], full["precision"], _choice_text(full["choice"]),
+                  best["tokens_per_s"], best["world"], best["precision"], _choice_text(best["choice"])))
+    else:
+        why = "with them: %s" % full["why"]
+    kept = {h["name"]: h for h in best["hosts"]}
+    left = []
+    for host, gpus in per_host:
+        dropped = [g for g in gpus if (g.get("name") or "?", int(g.get("memory_mib") or 0), bool(g.get("bf16")))
+                   in gone]
+        if dropped:
+            left.append({"name": host["name"], "devices": [int(g["index"]) for g in dropped],
+                         "device_name": ", ".join(sorted(set(g.get("name") or "?" for g in dropped))),
+                         "whole_host": host["name"] not in kept,
+                         "reason": why + "; -e use_all_devices=true keeps them"})
+    summary = _speed_summary(best, link)
+    return [kept[h["name"]] for h in members if h["name"] in kept], left, summary
+
+
+LEAVE_OUT_MARGIN = 0.05  # leave devices out only for an estimated gain above 5%: the estimate is coarse
+
+
+def _kinds_text(kinds):
+    return ", ".join("%s (%d MiB)" % (name, mem) for name, mem, _ in sorted(kinds))
+
+
+def _choice_text(choice):
+    return "ZeRO-%d%s, micro batch %d" % (choice["zero_stage"], " + offload" if choice["offload"] == "cpu" else "",
+                                         choice["micro_batch"])
+
+
+def _speed_summary(row, link):
+    """plan["speed"]: the step-time estimate of the devices planned with, or None when it cannot be made."""
+    from . import speed as SP
+    if not row or not row.get("fits"):
+        return None
+    est = row["estimate"]
+    if not est:
+        names = sorted({n for h in row["hosts"] for n in [g.get("name") or "?" for g in h["gpu"]["gpus"]]
+                        if SP.device_peak(n, row["precision"]) is None})
+        return {"tokens_per_s": None, "note": "no step-time estimate: no datasheet figure for %s in "
+                "lib/dsfleet_core/speed.py; devices are left out only when the model does not fit with them"
+                % ", ".join(names)}
+    note = ""
+    if est["communication"] > est["compute"]:
+        # communication happens once per optimizer step, compute once per micro batch: accumulate more
+        accum = row["choice"]["grad_accum"] * math.ceil(est["communication"] / est["compute"])
+        note = ("communication outweighs compute: accumulating more micro batches per step spreads it over more "
+                "tokens (e.g. -e global_batch=%d, %d micro batches of %d per rank)"
+                % (row["choice"]["micro_batch"] * accum * row["world"], accum, row["choice"]["micro_batch"]))
+    return {"tokens_per_s": round(row["tokens_per_s"], 1), "step_s": round(est["step"], 3),
+            "compute_s": round(est["compute"], 3), "communication_s": round(est["communication"], 3),
+            "offload_s": round(est["offload"], 3), "slowest_device": est["slowest"],
+            "network_gbps": (link or SP.ASSUMED_NETWORK_GBPS) if len(row["hosts"]) > 1 else None,
+            "network_assumed": not link and len(row["hosts"]) > 1,
+            "model_flops_utilization": SP.MODEL_FLOPS_UTILIZATION, "note": note}
 
 
 def take_part(hosts, k, fail):
@@ -393,6 +541,12 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
                   % (k["master"], ", ".join(h["name"] for h in members)))
         members = [h for h in members if h["name"] == k["master"]] + [h for h in members if h["name"] != k["master"]]
 
+    left_out, speed = [], None
+    if accelerator != "cpu" and model and "_dsfleet_note" not in model:
+        members, left_out, speed = _leave_out(k, given, model, members, accelerator)
+        excluded += [{"name": e["name"], "reason": "its %s: %s" % (e["device_name"], e["reason"])}
+                     for e in left_out if e["whole_host"]]
+
     seen = {}
     for host in members:
         addr = str(host.get("address") or host["name"])
@@ -453,7 +607,7 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
         include = "@".join("%s:%s" % (h["address"], ",".join(map(str, h["devices"]))) for h in plan_hosts)
 
     ifnames = sorted(set(h["ifname"] for h in plan_hosts))
-    warnings = []
+    warnings = [SZ.ZERO3_ON_CPU_WARNING] if accelerator == "cpu" and k["zero_stage"] == 3 else []
     if len(ifnames) > 1:
         warnings.append("hosts use different interfaces (%s); the pdsh launcher's shared .deepspeed_env lists them "
                         "all, the ansible launcher sets each host's own" % ", ".join(ifnames))
@@ -513,6 +667,8 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
         "knobs": dict(k),  # what the plan was computed from; a resumed run starts from these
         "warnings": warnings,
         "sizing": sizing,
+        "left_out_devices": [e for e in left_out if not e["whole_host"]],
+        "speed": speed,
         # inputs that lie on the controller; copied to every host, read there from the staged copy
         "inputs": {} if local else {n: dict(v) for n, v in (inputs or {}).items() if v},
     }
@@ -543,7 +699,8 @@ def _resume(k, previous, world, layout_hosts):
 # host records from facts
 
 def interfaces(facts):
-    """[{name, ipv4: [cidr, ...]}] from a host's gathered network facts (ansible_facts)."""
+    """[{name, ipv4: [cidr, ...], speed_mbps (when the facts give the link speed)}] from a host's gathered network
+    facts (ansible_facts; ``speed`` is the kernel's /sys/class/net/<if>/speed, Mbit/s, -1 or absent when unknown)."""
     out = []
     for name in sorted(facts.get("interfaces") or []):
         data = facts.get(name.replace("-", "_")) or facts.get(name) or {}
@@ -551,7 +708,10 @@ def interfaces(facts):
         for item in [data.get("ipv4")] + list(data.get("ipv4_secondaries") or []):
             if isinstance(item, dict) and item.get("address") and item.get("netmask"):
                 cidrs.append(str(ipaddress.IPv4Interface("%s/%s" % (item["address"], item["netmask"]))))
-        out.append({"name": name, "ipv4": cidrs})
+        record = {"name": name, "ipv4": cidrs}
+        if isinstance(data.get("speed"), int) and data["speed"] > 0:
+            record["speed_mbps"] = data["speed"]
+        out.append(record)
     return out
 
 
@@ -580,6 +740,9 @@ def ds_config(plan):
         checkpoint = {"use_node_local_storage": True}
     else:
         checkpoint = {}
+    sizing = plan.get("sizing") or {}
+    if sizing.get("known") and sizing.get("zero_stage") == plan["zero"]["stage"]:
+        zero.update(sizing["buckets"])  # scaled to the model; DeepSpeed's defaults hold GBs of buffers per rank
     if plan["zero"]["stage"] == 3:
         # the end-of-run export gathers the full 16-bit weights from every rank's shard
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -593,7 +756,10 @@ def ds_config(plan):
         "bf16": {"enabled": plan["precision"] == "bf16"},
         "fp16": {"enabled": plan["precision"] == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_optimization": zero,
-        "optimizer": {"type": "AdamW", "params": dict(OPTIMIZER, lr=plan["training"]["lr"], torch_adam=not offload)},
+        "optimizer": {"type": "AdamW", "params": dict(OPTIMIZER, lr=plan["training"]["lr"], **(
+            # torch's fused AdamW updates in place (the default paths hold the whole partition's sqrt once more);
+            # offloaded, DeepSpeed's CPU Adam
+            {} if offload else {"torch_adam": True, "fused": True}))},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
     } | ({"checkpoint": checkpoint} if checkpoint else {})

@@ -10,6 +10,7 @@ import json
 import math
 
 from . import PlanError
+from . import speed as SP
 
 
 def plan_table(plan):
@@ -22,6 +23,9 @@ def plan_table(plan):
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     for e in plan["excluded"]:
         lines.append("left out: %s — %s" % (e["name"], e["reason"]))
+    for e in plan.get("left_out_devices") or []:
+        lines.append("left out: %s's %s (device %s) — %s" % (e["name"], e["device_name"],
+                                                            ",".join(map(str, e["devices"])), e["reason"]))
     lines.append("accelerator %s, backend %s, precision %s, world size %d on %d host(s), master %s:%d (%s), "
                  "launcher %s, ZeRO %d" % (plan["accelerator"], plan["backend"], plan["precision"],
                                            plan["world_size"], plan["nodes"], plan["master"]["address"],
@@ -48,18 +52,31 @@ def plan_table(plan):
     sizing = plan.get("sizing")
     if sizing and sizing.get("known"):
         lines.append("memory: %s parameters (%s%s); ZeRO-%d%s %s, micro batch %d x %d tokens: %d MiB per device "
-                     "(model states %d, activations %d, runtime %d) of %d on the smallest (%s, %s)"
+                     "(model states %d, activations %d, buffers %d, runtime %d) of %d on the smallest (%s, %s)"
                      % ("{:,}".format(sizing["params"]), sizing["family"],
                         ", %s active" % "{:,}".format(sizing["params_active"])
                         if sizing["params_active"] != sizing["params"] else "", sizing["zero_stage"],
                         " + offload" if sizing["offload"] == "cpu" else "", sizing["precision"], sizing["micro_batch"],
                         sizing["block_size"], sizing["device_mib"], sizing["model_states_mib"],
-                        sizing["activations_mib"], sizing["runtime_mib"], sizing["smallest_device"]["memory_mib"],
+                        sizing["activations_mib"], sizing.get("buffers_mib", 0),
+                        sizing["runtime_mib"], sizing["smallest_device"]["memory_mib"],
                         sizing["smallest_device"]["host"], sizing["smallest_device"]["name"]))
         if sizing.get("chosen_by_plan"):
             lines.append("chosen by the plan (%s): %s" % (", ".join(sizing["chosen_by_plan"]), _why_chosen(sizing)))
     elif sizing:
         lines.append("memory: " + sizing["note"])
+    speed = plan.get("speed")
+    if speed and speed.get("tokens_per_s"):
+        lines.append("speed (estimate from datasheet peaks at %d%% utilization): %.0f tokens/s, %.2f s per step "
+                     "(compute %.2f on the slowest, %s; communication %.2f over %s%s; offload %.2f)%s"
+                     % (speed["model_flops_utilization"] * 100, speed["tokens_per_s"], speed["step_s"],
+                        speed["compute_s"], speed["slowest_device"], speed["communication_s"],
+                        "%g Gbit/s" % speed["network_gbps"] if speed["network_gbps"] else
+                        "PCIe (assumed %d Gbit/s; NVLink is not in the facts)" % SP.ASSUMED_PCIE_GBPS,
+                        " assumed: the facts give no link speed" if speed["network_assumed"] else "",
+                        speed["offload_s"], "; " + speed["note"] if speed["note"] else ""))
+    elif speed:
+        lines.append("speed: " + speed["note"])
     lines += ["warning: " + w for w in plan["warnings"]]
     return lines
 

@@ -3,17 +3,26 @@
 Model states follow DeepSpeed's own estimators (deepspeed/runtime/zero/stage_1_and_2.py
 ``estimate_zero2_model_states_mem_needs`` and stage3.py ``estimate_zero3_model_states_mem_needs``; under ZeRO-3 the
 training module builds the model inside ``deepspeed.zero.Init``, the estimator's ``zero_init=True`` case), with the
-bytes per parameter that DeepSpeed's comment spells out for 16-bit training: 2 (16-bit params) + 2 (16-bit grads) + 4 (fp32 grads) + 4 (fp32 params) +
-8 (Adam momentum and variance) = 2 + 18. ZeRO-1 and ZeRO-0, which DeepSpeed gives no estimator for, keep the same
-components with less of them partitioned; fp32 training has no 16-bit copies (4 + 4 + 8). The host memory to load
-the model counts each rank reading the whole model in the load precision: DeepSpeed's estimators assume fp32 (4
-bytes); the training module loads 16-bit models in 16 bits (``load_bytes=2``).
+bytes per parameter that DeepSpeed's comment spells out for 16-bit training: 2 (16-bit params) + 2 (16-bit grads) +
+4 (fp32 grads) + 4 (fp32 params) + 8 (Adam momentum and variance) = 2 + 18. ZeRO-1 and ZeRO-0, which DeepSpeed gives
+no estimator for, keep the same components with less of them partitioned. fp32 training keeps the same components
+in 4 bytes: DeepSpeed clones the fp32 master partition (``single_partition_of_fp32_groups``) and flattens the
+gradient partition for the step even when the model is fp32 already, 4 + 20 (measured: bench/load_memory.py). The
+host memory to load the model counts each rank reading the whole model in the load precision: DeepSpeed's
+estimators assume fp32 (4 bytes); the training module loads 16-bit models in 16 bits (``load_bytes=2``).
+
+Beside the model states, each rank holds the activations of its micro batch and DeepSpeed's communication buffers
+(``buffers()``), with the gradient of the largest tensor (tied embeddings: the lm head's and the embedding's
+gradients, then their sum). The optimizer step adds nothing: the plan renders torch's fused AdamW, which updates in
+place (the single-tensor and foreach paths hold ``exp_avg_sq.sqrt()`` of the whole partition, 4-8 bytes per
+parameter more: measured 0.9 GB on the 0.5B bench model); offloaded, DeepSpeed's CPU Adam updates in place too.
 
 Activations per micro batch use Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
 Models" (arXiv:2205.05198), eq. 1: s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit; transformers trains with SDPA
 attention, which keeps no s x s score matrix, so the 5*a*s/h term is left out. With activation checkpointing each
 layer keeps its 2*s*b*h-byte input and one layer is recomputed at a time. The logits add b*s*V*8 bytes (fp32
-logits and their gradient). A runtime allowance covers the CUDA/ROCm context and allocator fragmentation.
+logits and their gradient). A runtime allowance covers the process (Python, torch, DeepSpeed, transformers, the
+tokenizer and data: about 1 GB resident on a CPU rank, measured), the CUDA/ROCm context and allocator fragmentation.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from __future__ import annotations
 import math
 
 MIB = 2 ** 20
-RUNTIME_MIB = {"gpu": 1024, "cpu": 512}
+RUNTIME_MIB = {"gpu": 1024, "cpu": 1024}
 DEVICE_USE = 0.90          # a plan may fill this much of a device; the rest is headroom
 LOAD_BUFFER = 1.5          # DeepSpeed's additional_buffer_factor for host memory
 
@@ -30,7 +39,7 @@ def _per_param(precision):
     """Bytes per parameter: (params, grads, fp32 master params, fp32 grads, optimizer states)."""
     if precision in ("bf16", "fp16"):
         return 2, 2, 4, 4, 8
-    return 4, 4, 0, 0, 8
+    return 4, 4, 4, 4, 8
 
 
 def model_states(params, largest_layer, stage, offload, world, ranks_per_host, nodes, precision, zero_init=False,
@@ -81,15 +90,49 @@ def activations(shape, micro_batch, block_size, precision, checkpointing=False):
     return per_layer * L + logits
 
 
+def buckets(shape, stage):
+    """DeepSpeed's communication buffer sizes (elements) scaled to the model, as transformers' ``HfDeepSpeedConfig``
+    fills ``"auto"`` (integrations/deepspeed.py ``trainer_config_finalize``): the reduce bucket hidden^2, ZeRO-3's
+    prefetch bucket 0.9 hidden^2 and persistence threshold 10 hidden. DeepSpeed's defaults (5e8 elements for the
+    reduce and all-gather buckets, 1e9 live parameters) are sized for the largest models: 1.9 GB per rank for the
+    fp32 reduce bucket alone, whatever the model (measured: bench/load_memory.py)."""
+    h = int(shape["hidden"])
+    square = h * h + (h * h) % 2  # ZeRO-1/2 assert the all-gather bucket is a multiple of 2 elements
+    out = {"reduce_bucket_size": square}
+    if stage == 3:
+        out.update({"stage3_prefetch_bucket_size": int(0.9 * h * h), "stage3_param_persistence_threshold": 10 * h})
+    elif stage in (1, 2):
+        out["allgather_bucket_size"] = square
+    return out
+
+
+def buffers(shape, stage, precision):
+    """Bytes of DeepSpeed's communication buffers on one rank with ``buckets()``: the contiguous reduce bucket
+    (stage_1_and_2.py ``setup_buckets``, stage3.py's IPG buffer; ZeRO-1 stages it in fp32, ``overlap_comm`` is off
+    so there is one), ZeRO-3's prefetched parameters, and in ZeRO-1/2 the gradient of a tensor larger than the
+    bucket, which bypasses it and is reduced in place (``extra_large_param_to_reduce``)."""
+    if stage == 0:
+        return 0
+    p, g = _per_param(precision)[:2]
+    sizes = buckets(shape, stage)
+    reduce = sizes["reduce_bucket_size"] * (4 if stage == 1 else g)
+    if stage == 3:
+        return reduce + sizes["stage3_prefetch_bucket_size"] * p
+    if shape["largest_layer"] <= sizes["reduce_bucket_size"]:
+        return reduce
+    return reduce + shape["largest_layer"] * g * (2 if shape.get("tied_embeddings") else 1)
+
+
 def need(shape, stage, offload, micro_batch, block_size, precision, world, ranks_per_host, nodes, kind,
          checkpointing=False, zero_init=False, load_bytes=4):
     """Bytes one rank needs on its device and one host needs in RAM, by component."""
     states = model_states(shape["params"], shape["largest_layer"], stage, offload, world, ranks_per_host, nodes,
                           precision, zero_init, load_bytes)
     act = activations(shape, micro_batch, block_size, precision, checkpointing)
+    buf = buffers(shape, stage, precision)
     runtime = RUNTIME_MIB[kind] * MIB
-    return {"model_states": states["device"], "activations": act, "runtime": runtime,
-            "device": states["device"] + act + runtime, "host": states["host"]}
+    return {"model_states": states["device"], "activations": act, "buffers": buf, "runtime": runtime,
+            "device": states["device"] + act + buf + runtime, "host": states["host"]}
 
 
 def mib(value):
@@ -101,6 +144,14 @@ def mib(value):
 # the backward pass (1.5x); offloading the optimizer adds host<->device traffic of the gradients and parameters
 # every step and runs Adam on the CPU (ZeRO-Offload, Ren et al. 2021), so it comes after both.
 ORDER = ((2, "none"), (3, "none"), (2, "cpu"), (3, "cpu"))
+# CPU ranks: a rank's device memory is its host's, so there is nothing to offload to; and DeepSpeed's ZeRO-3 on CPU
+# ranks (gloo) holds more than ZeRO-2, not less (measured, bench/load_memory.py: a 0.5B fp32 model on 2 ranks peaks
+# at about 11 GB per rank under ZeRO-3 against 9.5 GB under ZeRO-2, and ZeRO-3's resident memory grows over the
+# first steps), so the plan never picks it there; a user may still set zero_stage=3 (the plan warns).
+CPU_ORDER = ((2, "none"),)
+ZERO3_ON_CPU_WARNING = ("zero_stage=3 on CPU ranks: DeepSpeed's ZeRO-3 over gloo holds more memory per rank than "
+                        "ZeRO-2 does, and more with every step at first (measured: bench/load_memory.py); the "
+                        "memory estimate above is DeepSpeed's formula, not that; prefer -e zero_stage=2 on CPU hosts")
 
 
 def divisors_desc(n, cap=None):

@@ -69,6 +69,7 @@ def host(name, octet, bf16):  # a one-GPU host record as the plan role builds it
     return {"name": name, "address": "10.1.0.%d" % octet, "reachable": True, "local": False,
             "gpu": {"accelerator": "nvidia", "gpus": [gpu], "cpu": {"cores": 8, "memory_mib": 65536}},
             "interfaces": [{"name": "eth0", "ipv4": ["10.1.0.%d/24" % octet]}], "home": "/h", "venv": "/h/venv"}
+gpt2 = json.loads(open(sys.argv[2]).read())  # a model: its buckets are rendered scaled to hidden 768
 checked = []
 for world, stage, offload, precision, accum in itertools.product((1, 2, 3, 6, 8), (0, 1, 2, 3), ("none", "cpu"),
                                                                  ("fp32", "bf16", "fp16"), (1, 4)):
@@ -76,7 +77,7 @@ for world, stage, offload, precision, accum in itertools.product((1, 2, 3, 6, 8)
         continue
     hosts = [host("h%d" % i, 11 + i, precision != "fp16") for i in range(world)]
     plan = P.make_plan(hosts, {"run_id": "r", "zero_stage": stage, "offload": offload, "precision": precision,
-                               "grad_accum": accum, "micro_batch": 2})
+                               "grad_accum": accum, "micro_batch": 2}, None, gpt2)
     C.dist.get_rank = lambda *a, **k: 0
     C.dist.get_world_size = lambda *a, world=plan["world_size"], **k: world
     parsed = C.DeepSpeedConfig(plan["ds_config"])
@@ -85,13 +86,20 @@ for world, stage, offload, precision, accum in itertools.product((1, 2, 3, 6, 8)
     assert (parsed.zero_config.offload_optimizer is not None) == (offload == "cpu")
     assert parsed.bfloat16_config.enabled == (precision == "bf16")
     assert parsed.float16_config.enabled == (precision == "fp16")
+    zc = parsed.zero_config
+    if stage:
+        assert zc.reduce_bucket_size == 768 * 768, plan["ds_config"]
+    if stage in (1, 2):
+        assert zc.allgather_bucket_size == 768 * 768
+    if stage == 3:
+        assert (zc.prefetch_bucket_size, zc.param_persistence_threshold) == (int(0.9 * 768 * 768), 7680)
     checked.append([world, stage, offload, precision, accum])
 print(json.dumps(checked))
 """
 
 
 def test_every_ds_config_the_plan_renders_parses_with_deepspeeds_own_config_class(train_python):
-    done = subprocess.run([train_python, "-c", PARSE, str(ROOT / "lib")],
+    done = subprocess.run([train_python, "-c", PARSE, str(ROOT / "lib"), str(ROOT / "tests" / "fixtures" / "configs" / "gpt2.json")],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     checked = json.loads(done.stdout.splitlines()[-1])

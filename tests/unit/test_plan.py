@@ -242,13 +242,12 @@ def test_offload_keeps_the_same_optimizer():
     hosts = [host("a", 11, [V100(0)])]
     plain, offloaded = make_plan(hosts)["ds_config"], make_plan(hosts, {"offload": "cpu"})["ds_config"]
     assert offloaded["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
-    same = {k: v for k, v in plain["optimizer"]["params"].items() if k != "torch_adam"}
-    assert {k: v for k, v in offloaded["optimizer"]["params"].items() if k != "torch_adam"} == same
+    same = {k: v for k, v in plain["optimizer"]["params"].items() if k not in ("torch_adam", "fused")}
+    assert offloaded["optimizer"]["params"] == same
     assert plain["optimizer"]["type"] == offloaded["optimizer"]["type"] == "AdamW"
     assert same == {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
-    # torch's AdamW steps it without offload (no op to compile), DeepSpeed's CPU Adam with it
-    assert (plain["optimizer"]["params"]["torch_adam"], offloaded["optimizer"]["params"]["torch_adam"]) == (True,
-                                                                                                            False)
+    # torch's fused AdamW steps it without offload (no op to compile, updated in place), DeepSpeed's CPU Adam with it
+    assert (plain["optimizer"]["params"]["torch_adam"], plain["optimizer"]["params"]["fused"]) == (True, True)
     cpu = make_plan([host("c", 11)], {"offload": "cpu"})["ds_config"]
     assert cpu["zero_optimization"]["offload_optimizer"]["pin_memory"] is False
 
@@ -260,10 +259,11 @@ def test_dry_run_is_a_plan_field():
 
 def test_interfaces_from_facts():
     facts = {"interfaces": ["lo", "veth-x"], "lo": {"ipv4": {"address": "127.0.0.1", "netmask": "255.0.0.0"}},
-             "veth_x": {"ipv4": {"address": "10.2.0.5", "netmask": "255.255.255.0"},
+             "veth_x": {"ipv4": {"address": "10.2.0.5", "netmask": "255.255.255.0"}, "speed": 10000,
                         "ipv4_secondaries": [{"address": "10.3.0.5", "netmask": "255.255.0.0"}]}}
+    facts["lo"]["speed"] = -1  # the kernel's "unknown"
     assert P.interfaces(facts) == [{"name": "lo", "ipv4": ["127.0.0.1/8"]},
-                                           {"name": "veth-x", "ipv4": ["10.2.0.5/24", "10.3.0.5/16"]}]
+                                   {"name": "veth-x", "ipv4": ["10.2.0.5/24", "10.3.0.5/16"], "speed_mbps": 10000}]
 
 
 PLAN2 = None
