@@ -3,12 +3,12 @@
 
 - the model's config.json (a preset, a model directory, a hub id in the local cache), which the planner sizes
   memory from; without one the plan says it is not sized;
-- which of the model and the dataset are paths on the controller: the plan copies those to every host (there is no
+- which of the model, the dataset and the eval dataset are paths on the controller: the plan copies those to every host (there is no
   shared filesystem) instead of expecting them at the same path there.
 
-    - dsfleet_inputs: {model: /data/llama, dataset: /data/corpus.jsonl}
+    - dsfleet_inputs: {model: /data/llama, dataset: /data/corpus.jsonl, eval_dataset: /data/held-out.jsonl}
       # -> config (dict or null), where (the file read, or why there is none),
-      #    inputs {model: {path, dir} or null, dataset: {path, dir} or null}
+      #    inputs {model: {path, dir} or null, dataset: ..., eval_dataset: ...}
 """
 
 import os
@@ -48,5 +48,6 @@ class ActionModule(ActionBase):
         config, where = config_of(model, PRESETS)
         result.update(changed=False, config=config, where=where,
                       inputs={"model": on_controller(model, "model"),
-                              "dataset": on_controller(self._task.args.get("dataset"), "dataset")})
+                              "dataset": on_controller(self._task.args.get("dataset"), "dataset"),
+                              "eval_dataset": on_controller(self._task.args.get("eval_dataset"), "dataset")})
         return result

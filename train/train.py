@@ -66,6 +66,7 @@ if str(HERE) not in sys.path:  # the torch-free pieces live beside this file (al
 
 from export_hf import save_pretrained_dir  # noqa: E402
 
+import dsfleet_tokens as TK  # noqa: E402
 from dsfleet_ckpt import (  # noqa: E402
     complete_layouts,
     mark_complete,
@@ -98,6 +99,11 @@ from dsfleet_data import (  # noqa: E402,F401
 MODEL = "tiny"             # preset name, local model directory, or hub id (org/name)
 DATASET = "bundled"        # "bundled", a .txt/.jsonl/.json/.csv/.parquet file, a datasets dir, or a hub name
 TEXT_FIELD = "text"        # the text column of .jsonl and datasets inputs
+DATA_FORMAT = "auto"       # text | instruction | chat | auto (from the first row: dsfleet_tokens.py)
+PROMPT_FIELD, RESPONSE_FIELD, MESSAGES_FIELD = "prompt", "response", "messages"
+EVAL_FRACTION = 0.0        # the last fraction of the blocks held out for eval (0: none, unless --eval_dataset)
+EVAL_EVERY = 0             # eval every N steps (0: at the end only), when there is eval data
+TOKEN_CACHE = "~/.dsfleet/cache/tokens"  # where each host keeps the tokenized corpus (dsfleet_tokens.py)
 MAX_STEPS = None           # optimizer steps to run; None: run --epochs
 EPOCHS = 1                 # passes over this rank's shard, used when --max_steps is not given
 BLOCK_SIZE = 128           # tokens per training sequence
@@ -138,6 +144,17 @@ def parse_args(argv=None):
     p.add_argument("--model", default=MODEL, help="preset name (%s), local model dir, or hub id" % ", ".join(list_presets()))
     p.add_argument("--dataset", default=DATASET, help="'bundled', a .txt/.jsonl file, a datasets dir or name")
     p.add_argument("--text_field", default=TEXT_FIELD, help="text column of .jsonl/datasets inputs")
+    p.add_argument("--data_format", default=DATA_FORMAT, choices=TK.FORMATS,
+                   help="text (packed), instruction (prompt/response, loss on the response), chat (messages with "
+                        "the tokenizer's chat template, loss on assistant turns); auto: from the first row")
+    p.add_argument("--prompt_field", default=PROMPT_FIELD, help="instruction data: the prompt field")
+    p.add_argument("--response_field", default=RESPONSE_FIELD, help="instruction data: the response field")
+    p.add_argument("--messages_field", default=MESSAGES_FIELD, help="chat data: the list of {role, content}")
+    p.add_argument("--eval_fraction", type=float, default=EVAL_FRACTION,
+                   help="hold out this fraction of the blocks (the last ones) for eval loss and perplexity")
+    p.add_argument("--eval_dataset", default=None, help="eval on this dataset instead (same formats)")
+    p.add_argument("--eval_every", type=int, default=EVAL_EVERY, help="eval every N steps (0: at the end)")
+    p.add_argument("--token_cache", default=TOKEN_CACHE, help="folder of this host's token caches")
     p.add_argument("--max_steps", type=int, default=MAX_STEPS, help="optimizer steps (default: --epochs)")
     p.add_argument("--epochs", type=int, default=None, help=f"passes over the data (default {EPOCHS})")
     p.add_argument("--block_size", type=int, default=BLOCK_SIZE, help="tokens per sequence")
@@ -175,7 +192,11 @@ def validate_args(args):
         fail(f"--block_size must be at least 2 tokens, got {args.block_size}", "Pass e.g. --block_size 128")
     if not (math.isfinite(args.lr) and args.lr > 0):
         fail(f"--lr must be a positive finite number, got {args.lr}", "Pass e.g. --lr 3e-4")
-    for name in ("warmup_steps", "log_every", "save_every", "save_every_minutes", "keep_checkpoints"):
+    if not 0 <= args.eval_fraction < 1:
+        fail(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}", "Pass e.g. --eval_fraction 0.05")
+    if args.eval_fraction and args.eval_dataset:
+        fail("--eval_fraction and --eval_dataset were both given", "Pass one: a held-out fraction or an eval dataset")
+    for name in ("warmup_steps", "log_every", "save_every", "save_every_minutes", "keep_checkpoints", "eval_every"):
         if getattr(args, name) < 0:
             fail(f"--{name} must be >= 0, got {getattr(args, name)}", f"Pass --{name} 0 or a positive number")
     if not args.text_field:
@@ -258,12 +279,81 @@ def parameter_count(model):
 # data: resolve, read texts, tokenize, pack into blocks, shard by rank
 
 def load_blocks(args, tokenizer):
+    """Every block as token lists (the small-data path the tests and the bundled corpus use directly)."""
     kind, where = resolve_dataset(args.dataset)
     texts = read_texts(kind, where, args.text_field)
     blocks = pack(tokenize(texts, tokenizer), tokenizer.eos_token_id, args.block_size)
     if not blocks:
         fail(f"dataset {args.dataset} yields no block of {args.block_size} tokens", "Use more text or a smaller --block_size")
     return where, blocks
+
+
+def data_fields(args):
+    return {"text": args.text_field, "prompt": args.prompt_field, "response": args.response_field,
+            "messages": args.messages_field}
+
+
+class Blocks:
+    """A token cache mapped read-only: ``tokens[i]`` (block_size ids), ``labels[i]`` and ``lengths[i]`` for
+    instruction and chat data (None for packed text), the first ``n`` of them in use."""
+
+    def __init__(self, folder, meta, start=0, n=None):
+        import numpy as np
+        self.meta, self.folder = meta, folder
+        total, size = meta["blocks"], meta["block_size"]
+        self.tokens = np.memmap(folder / "tokens.bin", dtype=meta["dtype"], mode="r", shape=(total, size)) \
+            if total else np.zeros((0, size), dtype=meta["dtype"])
+        labelled = meta["labelled"] and total
+        self.labels = np.memmap(folder / "labels.bin", dtype="int32", mode="r", shape=(total, size)) if labelled else None
+        self.lengths = np.memmap(folder / "lengths.bin", dtype="uint32", mode="r", shape=(total,)) if labelled else None
+        self.start, self.n = start, total - start if n is None else n
+
+    def part(self, start, n):
+        return Blocks(self.folder, self.meta, self.start + start, n)
+
+    def batch(self, indices):
+        """(input_ids, labels, attention_mask or None) as int64 CPU tensors for these block indices (0-based in
+        this part)."""
+        import numpy as np
+        import torch
+        rows = np.asarray(indices, dtype=np.int64) + self.start
+        x = torch.from_numpy(self.tokens[rows].astype(np.int64))
+        if self.labels is None:
+            return x, x, None
+        y = torch.from_numpy(self.labels[rows].astype(np.int64))
+        mask = torch.arange(x.shape[1])[None, :] < torch.from_numpy(self.lengths[rows].astype(np.int64))[:, None]
+        return x, y, mask.long()
+
+
+def load_data(args, tokenizer, model_kind, model_where, vocab_size):
+    """(train Blocks, eval Blocks or None, token-cache facts for the metrics): the dataset tokenized once per host
+    into the token cache (or the cache an earlier run built), the eval part held out or from --eval_dataset."""
+    fields = data_fields(args)
+
+    def cached(spec):
+        kind, where = resolve_dataset(spec)
+        folder, meta = TK.build_or_open(args.token_cache, tokenizer, model_kind, model_where, kind, where,
+                                        args.data_format, fields, args.block_size, vocab_size, log=print0)
+        if not meta["blocks"]:
+            fail(f"dataset {spec} yields no block of {args.block_size} tokens",
+                 "Use more text or a smaller --block_size" if meta["format"] == "text" else
+                 "Every example's prompt fills the block: pass a larger --block_size")
+        return Blocks(folder, meta), {"path": str(folder), "reused": meta["reused"], "format": meta["format"],
+                                      "blocks": meta["blocks"], "build_seconds": meta["seconds"],
+                                      "skipped": meta.get("skipped", 0), "cut": meta.get("cut", 0)}
+
+    data, facts = cached(args.dataset)
+    evaluation = None
+    if args.eval_dataset:
+        evaluation, eval_facts = cached(args.eval_dataset)
+        facts["eval"] = eval_facts
+    elif args.eval_fraction:
+        n_train, n_eval = TK.eval_split(data.n, args.eval_fraction)
+        if n_train == 0:
+            fail(f"--eval_fraction {args.eval_fraction} leaves no block of {data.n} to train on",
+                 "Pass a smaller --eval_fraction or more data")
+        data, evaluation = data.part(0, n_train), data.part(n_train, n_eval)
+    return data, evaluation, facts
 
 
 # -----------------------------------------------------------------------------
@@ -290,10 +380,49 @@ def preflight(args):
                  "Save the tokenizer with the model (tokenizer.save_pretrained(DIR))")
         check_block_size(argparse.Namespace(**{k: v for k, v in config.items() if k == "max_position_embeddings"}),
                          args.block_size)
-    dkind, dwhere = resolve_dataset(args.dataset)
-    sample = read_texts(dkind, dwhere, args.text_field, PREFLIGHT_SAMPLE_BYTES) if dkind in ("text", "jsonl") else []
-    print(json.dumps({"ok": True, "model": where, "model_kind": kind, "dataset": dwhere, "dataset_kind": dkind,
-                      "sample_documents": len(sample), "vocab_size": config.get("vocab_size")}), flush=True)
+    checked = {}
+    for spec in [args.dataset] + ([args.eval_dataset] if args.eval_dataset else []):
+        dkind, dwhere = resolve_dataset(spec)
+        checked[spec] = {"dataset": dwhere, "dataset_kind": dkind, **sample_check(args, dkind, dwhere)}
+    first = checked[args.dataset]
+    print(json.dumps({"ok": True, "model": where, "model_kind": kind, **first, "vocab_size": config.get("vocab_size"),
+                      **({"eval": checked[args.eval_dataset]} if args.eval_dataset else {})}), flush=True)
+
+
+def sample_check(args, dkind, dwhere):
+    """The first MiB of a .txt/.jsonl dataset read and checked for its format's fields (other kinds are read by
+    datasets in the ranks)."""
+    if dkind == "text" or (dkind == "jsonl" and args.data_format == "text"):
+        return {"format": "text", "sample_documents": len(read_texts(dkind, dwhere, args.text_field,
+                                                                      PREFLIGHT_SAMPLE_BYTES))}
+    if dkind != "jsonl":
+        return {"format": args.data_format, "sample_documents": 0}
+    fields, fmt, rows = data_fields(args), args.data_format, 0
+    with open(dwhere, "rb") as f:
+        head = f.read(PREFLIGHT_SAMPLE_BYTES + 1)
+    if len(head) > PREFLIGHT_SAMPLE_BYTES:
+        head = head[:head.rfind(b"\n", 0, PREFLIGHT_SAMPLE_BYTES) + 1] or head[:PREFLIGHT_SAMPLE_BYTES]
+    try:
+        lines = head.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        fail(f"cannot read dataset {dwhere}: {e}", "The file must be UTF-8 text")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            fail(f"dataset {dwhere} line {n} is not JSON ({e})", "Write one JSON object per line")
+        if not isinstance(row, dict):
+            fail(f"dataset {dwhere} line {n} is not a JSON object", "Write one JSON object per line")
+        if fmt == "auto":
+            fmt = "chat" if fields["messages"] in row else "instruction" if (
+                fields["prompt"] in row and fields["response"] in row) else "text"
+        TK.check_row(row, n, dwhere, fmt, fields)
+        rows += 1
+    if not rows:
+        fail(f"dataset {dwhere} holds no rows", "Point --dataset at a non-empty dataset")
+    return {"format": fmt, "sample_documents": rows}
 
 
 class Metrics:
@@ -330,8 +459,13 @@ def training_function(args):
     kind, where = resolve_model(args.model)
     config, tokenizer = load_config_and_tokenizer(kind, where)
     check_block_size(config, args.block_size)
-    _, blocks = load_blocks(args, tokenizer)
-    mine = shard(blocks, rank, world_size)
+    data, evaluation, token_cache = load_data(args, tokenizer, kind, where, getattr(config, "vocab_size", None) or
+                                              len(tokenizer))
+    mine = shard(range(data.n), rank, world_size)  # this rank's block indices (a range: nothing held per block)
+    eval_mine = shard(range(evaluation.n), rank, world_size) if evaluation is not None else None
+    if eval_mine is not None and len(eval_mine) < s["micro_batch"]:
+        fail(f"the eval data gives each of {world_size} ranks {len(eval_mine)} blocks, fewer than one micro batch "
+             f"of {s['micro_batch']}", "Pass a larger --eval_fraction or a larger --eval_dataset")
     micro_per_epoch = len(mine) // s["micro_batch"]
     if micro_per_epoch == 0:
         fail(f"dataset gives each of {world_size} ranks {len(mine)} blocks, fewer than one micro batch of {s['micro_batch']}",
@@ -433,7 +567,6 @@ def training_function(args):
             replicas.send(tag, final)
         return tag
 
-    data = torch.tensor(mine, dtype=torch.long)
     orders = {}
 
     def get_batch(micro_index):
@@ -443,7 +576,27 @@ def training_function(args):
             orders.clear()
             orders[epoch] = epoch_order(len(mine), args.seed, epoch)
         mb = s["micro_batch"]
-        return data[orders[epoch][k * mb:(k + 1) * mb]]
+        return data.batch([mine[j] for j in orders[epoch][k * mb:(k + 1) * mb]])
+
+    def forward(batch):
+        x, y, mask = (None if t is None else t.to(engine.device) for t in batch)
+        return engine(input_ids=x, labels=y, attention_mask=mask).loss
+
+    def evaluate():
+        """Eval loss (mean over every label token of the eval blocks, all ranks) and perplexity. Every rank runs
+        the same number of micro batches (ZeRO-3 gathers parameters collectively)."""
+        engine.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=engine.device)
+        mb = s["micro_batch"]
+        with torch.no_grad():
+            for k in range(len(eval_mine) // mb):
+                batch = evaluation.batch(list(eval_mine[k * mb:(k + 1) * mb]))
+                n = float((batch[1][:, 1:] != TK.IGNORE).sum())  # the shifted targets the loss averages over
+                total += torch.tensor([forward(batch).item() * n, n], dtype=torch.float64, device=engine.device)
+        dist.all_reduce(total)
+        engine.train()
+        value = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+        return value, math.exp(min(value, 700.0)), int(total[1].item())
 
     def mean_over_ranks(value):
         # on the engine's device: NCCL/RCCL/XCCL reduce only device tensors (gloo takes CPU ones)
@@ -457,13 +610,24 @@ def training_function(args):
                   zero_stage=s["zero_stage"], start_step=start_step, total_steps=total_steps,
                   params_here=params_here,
                   activation_checkpointing=bool(getattr(model, "is_gradient_checkpointing", False)),
-                  load_peak_rss_mib=load_peak_rss_mib)
+                  load_peak_rss_mib=load_peak_rss_mib, data_format=token_cache["format"], token_cache=token_cache,
+                  eval_blocks=evaluation.n if evaluation is not None else 0)
     print0(f"training {args.model} ({n_params / 1e6:.2f}M params) on {world_size} rank(s): steps {start_step}..{total_steps}, "
-           f"{s['precision']}, ZeRO {s['zero_stage']}, {len(blocks)} blocks of {args.block_size}")
+           f"{s['precision']}, ZeRO {s['zero_stage']}, {data.n} blocks of {args.block_size} ({token_cache['format']})"
+           + (f", {evaluation.n} held for eval" if evaluation is not None else ""))
 
     tokens_per_step = s["micro_batch"] * s["grad_accum"] * world_size * args.block_size
     first_loss = final_loss = None
+    eval_result = None
     tag = None
+
+    def run_eval(at_step):
+        nonlocal eval_result
+        loss, ppl, tokens = evaluate()
+        eval_result = {"eval_loss": loss, "perplexity": ppl, "eval_tokens": tokens}
+        metrics.write("eval", step=at_step, **eval_result)
+        print0(f"eval at step {at_step} | loss {loss:.4f} | perplexity {ppl:.2f} | {tokens:,} tokens")
+
     step = start_step
     try:
         engine.train()
@@ -473,8 +637,7 @@ def training_function(args):
             lr = engine.get_lr()[0]
             loss_sum = 0.0
             for i in range(s["grad_accum"]):
-                x = get_batch(step * s["grad_accum"] + i).to(engine.device)
-                loss = engine(input_ids=x, labels=x).loss
+                loss = forward(get_batch(step * s["grad_accum"] + i))
                 engine.backward(loss)
                 engine.step()
                 loss_sum += loss.item()
@@ -491,6 +654,8 @@ def training_function(args):
                 metrics.progress(event="step", step=step, total=total_steps, start_step=start_step, loss=loss, lr=lr,
                                  tokens_per_s=tps, elapsed_s=now - t0)
                 print0(f"step {step}/{total_steps} | loss {loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s")
+            if evaluation is not None and args.eval_every and step % args.eval_every == 0 and step < total_steps:
+                run_eval(step)
             if step < total_steps:
                 due = (args.save_every and step % args.save_every == 0) or (
                     args.save_every_minutes and time.time() - last_save >= args.save_every_minutes * 60)
@@ -508,6 +673,8 @@ def training_function(args):
                         replicas.wait(REPLICA_WAIT_S)
                     exit_now(143)
         elapsed = time.time() - t0
+        if evaluation is not None:
+            run_eval(step)
 
         tag = save(step, final=True)
         export(engine, tokenizer, export_dir, s["zero_stage"], rank)
@@ -521,7 +688,7 @@ def training_function(args):
     metrics.write("end", steps=step, first_loss=first_loss, final_loss=final_loss,
                   tokens_per_s=tokens_per_step * (step - start_step) / max(elapsed, 1e-9),
                   checkpoint_dir=str(ckpt_dir.resolve()), checkpoint_tag=tag, export_dir=str(export_dir.resolve()),
-                  elapsed_s=elapsed, peak_rss_mib=peak_rss_mib())
+                  elapsed_s=elapsed, peak_rss_mib=peak_rss_mib(), **(eval_result or {}))
     metrics.progress(event="end", step=step, total=total_steps, start_step=start_step, loss=final_loss,
                      elapsed_s=elapsed, tokens_per_s=tokens_per_step * (step - start_step) / max(elapsed, 1e-9))
     metrics.close()

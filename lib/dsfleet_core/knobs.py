@@ -68,6 +68,18 @@ KNOB_LIST = (
     Knob("dataset", str, "bundled", "train", "`bundled` (train/data/corpus.txt, CC0), a "
          "`.txt`/`.jsonl`/`.json`/`.csv`/`.parquet` file, a `datasets` directory or name"),
     Knob("text_field", str, "text", "train", "field holding the text in jsonl/datasets records"),
+    Knob("data_format", str, "auto", "train", "`text`: documents packed into blocks; `instruction`: prompt/response "
+         "records, loss on the response only, one example per block; `chat`: a list of {role, content} messages "
+         "rendered with the tokenizer's chat template, loss on the assistant turns; `auto`: from the first record",
+         choices=("auto", "text", "instruction", "chat")),
+    Knob("prompt_field", str, "prompt", "train", "instruction data: the prompt field"),
+    Knob("response_field", str, "response", "train", "instruction data: the response field"),
+    Knob("messages_field", str, "messages", "train", "chat data: the field holding the list of messages"),
+    Knob("eval_fraction", float, 0.0, "train", "hold out this fraction of the blocks (the last ones) for eval loss "
+         "and perplexity (0: none)", minimum=0, maximum=0.5),
+    Knob("eval_dataset", str, "", "train", "eval on this dataset instead (same kinds and formats as `dataset`)",
+         shown="none"),
+    Knob("eval_every", int, 0, "train", "eval every N steps as well as at the end (0: at the end)", minimum=0),
     Knob("max_steps", int, 50, "train", "optimizer steps", minimum=1),
     Knob("epochs", int, 0, "train", "stop after this many epochs as well (0: only `max_steps`)", minimum=0),
     Knob("block_size", int, 128, "train", "tokens per packed training block", minimum=8),

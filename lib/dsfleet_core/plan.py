@@ -324,25 +324,38 @@ def _sizing(k, given, config, plan_hosts, records, precision, accelerator):
 
 
 def _link_gbps(members):
-    """The slowest host's fastest network link, Gbit/s, from the facts (None when a host's facts name no speed)."""
-    speeds = []
+    """(Gbit/s, assumed) of the slowest link between these hosts: each host's fastest non-loopback interface speed
+    from its facts; a host whose facts give none counts as ASSUMED_NETWORK_GBPS (10 GbE). (None, True) when no
+    host's facts give one."""
+    from . import speed as SP
+    known, unknown = [], False
     for host in members:
         own = [int(i.get("speed_mbps") or 0) for i in host.get("interfaces") or [] if i.get("ipv4")
                and i.get("name") != "lo"]
-        if not own or max(own) <= 0:
-            return None
-        speeds.append(max(own))
-    return min(speeds) / 1000.0 if speeds else None
+        if own and max(own) > 0:
+            known.append(max(own) / 1000.0)
+        else:
+            unknown = True
+    if not known:
+        return None, True
+    return min(known + ([SP.ASSUMED_NETWORK_GBPS] if unknown else [])), unknown
+
+
+def _kind(g):
+    return (g.get("name") or "?", int(g.get("memory_mib") or 0), bool(g.get("bf16")))
 
 
 def _leave_out(k, given, config, members, accelerator):
-    """(members to plan with, [left out: {name, devices, device_name, reason}], speed summary or None).
+    """(members to plan with, [left out: {name, devices, device_name, whole_host, reason}], speed summary or None).
 
     Every rank gets the same micro batch and every step waits for the slowest rank, so a slow or small device can
-    cost the cluster more than it adds. For each set of device kinds (name and memory) the plan sizes the model
-    (lib/dsfleet_core/sizing.py) and estimates the step time (speed.py); it leaves out the kinds whose inclusion
-    makes the model not fit or lowers the estimated tokens per second by more than LEAVE_OUT_MARGIN, and names them
-    and why. ``use_all_devices`` keeps every device (the estimate is still reported)."""
+    cost the cluster more than it adds. The candidates are the sets of device kinds (name, memory, bf16) that leave
+    out only kinds slower or smaller than every kind kept (never a fast card to keep a slow one) and keep the
+    user's master. For each the plan sizes the model (sizing.py) and estimates the step time (speed.py, over that
+    set's own slowest link); it leaves out the kinds with which the model does not fit, or whose inclusion lowers
+    the estimated tokens/s by more than LEAVE_OUT_MARGIN, and names them and why. Only a model that does not fit
+    counts against a set: any other error of the whole cluster (a global_batch that does not divide, precision=bf16
+    on devices without it) is the user's to fix and surfaces as before. ``use_all_devices`` keeps every device."""
     from . import shape as SH
     from . import speed as SP
     try:
@@ -350,15 +363,16 @@ def _leave_out(k, given, config, members, accelerator):
     except (SH.ShapeError, KeyError, TypeError, ValueError):
         return members, [], None
     per_host = [(host, _host_gpus(host, accelerator)) for host in members]
-    kinds = sorted({(g.get("name") or "?", int(g.get("memory_mib") or 0), bool(g.get("bf16")))
-                    for _, gpus in per_host for g in gpus})
-    link = _link_gbps(members)
+    kinds = sorted({_kind(g) for _, gpus in per_host for g in gpus})
+
+    def peak(kind, precision):
+        found = SP.device_peak(kind[0], precision)
+        return found[0] if found else None
 
     def evaluate(keep):
         subset = []
         for host, gpus in per_host:
-            mine = [g for g in gpus if (g.get("name") or "?", int(g.get("memory_mib") or 0), bool(g.get("bf16")))
-                    in keep]
+            mine = [g for g in gpus if _kind(g) in keep]
             if mine:
                 subset.append(dict(host, slots=None, gpu=dict(host["gpu"], gpus=mine)))
         if not subset or (k["master"] and subset[0]["name"] != k["master"]):
@@ -368,25 +382,43 @@ def _leave_out(k, given, config, members, accelerator):
             slots, _, mem, bf16, label = _devices(host, accelerator, k["cpu_ranks"])
             lite.append({"name": host["name"], "slots": slots, "memory_mib": mem, "bf16": bf16,
                          "device_name": label, "device_names": [g.get("name") or "?" for g in host["gpu"]["gpus"]]})
-        row = {"keep": sorted(keep), "hosts": subset, "world": sum(h["slots"] for h in lite)}
+        link, assumed = _link_gbps(subset)
+        row = {"keep": sorted(keep), "hosts": subset, "world": sum(h["slots"] for h in lite), "link": link,
+               "link_assumed": assumed}
         try:
             precision = _precision(k, accelerator, lite)
-            sizing, choice = _sizing(k, given, config, lite, subset, precision, accelerator)
+            _, choice = _sizing(k, given, config, lite, subset, precision, accelerator)
         except PlanError as exc:
+            if not str(exc).startswith("dsfleet plan: the model does not fit"):
+                return dict(row, fits=None, why=str(exc))  # not a matter of memory: not a candidate
             return dict(row, fits=False, why=str(exc).replace("dsfleet plan: ", ""))
         est = SP.step_time(shape, choice["zero_stage"], choice["offload"], choice["micro_batch"], choice["grad_accum"],
                            k["block_size"], precision, choice["activation_checkpointing"], lite, link)
         return dict(row, fits=True, precision=precision, choice=choice, estimate=est,
                     tokens_per_s=(est["tokens"] / est["step"]) if est else None)
 
+    def below(gone, kept, precision):
+        """Every kind left out is slower (by its datasheet peak) or smaller than every kind kept."""
+        for d in gone:
+            for kk in kept:
+                pd, pk = peak(d, precision), peak(kk, precision)
+                slower = pd is not None and pk is not None and pd < pk
+                if not (slower or d[1] < kk[1]):
+                    return False
+        return True
+
     everything = set(kinds)
     full = evaluate(everything)
+    if full is None or full["fits"] is None:
+        return members, [], None  # the whole cluster fails for another reason: the main path says which
     if len(kinds) < 2:
-        return members, [], _speed_summary(full, link)
-    subsets = [set(c) for n in range(len(kinds) - 1, 0, -1) for c in itertools.combinations(kinds, n)]
+        return members, [], _speed_summary(full)
+    precision_hint = full.get("precision") or ("bf16" if all(kd[2] for kd in kinds) else "fp16")
+    subsets = [set(c) for n in range(len(kinds) - 1, 0, -1) for c in itertools.combinations(kinds, n)
+               if below(everything - set(c), set(c), precision_hint)]
     rows = [r for r in (evaluate(s) for s in subsets) if r is not None and r["fits"]]
     best = None
-    if all(r["tokens_per_s"] is not None for r in rows) and rows:
+    if rows and all(r["tokens_per_s"] is not None for r in rows):
         best = max(rows, key=lambda r: (r["tokens_per_s"], r["world"]))
     elif rows and not full["fits"]:
         best = max(rows, key=lambda r: r["world"])  # speeds unknown: the most devices with which it fits
@@ -394,7 +426,7 @@ def _leave_out(k, given, config, members, accelerator):
         full["tokens_per_s"] is None or best["tokens_per_s"] is None
         or best["tokens_per_s"] <= full["tokens_per_s"] * (1 + LEAVE_OUT_MARGIN)))
     if keep_full or k["use_all_devices"]:
-        summary = _speed_summary(full, link)
+        summary = _speed_summary(full) if full["fits"] else None
         if summary and best is not None and not keep_full and summary.get("tokens_per_s"):
             summary["note"] = "; ".join(filter(None, [
                 "use_all_devices=true keeps every device; without %s the estimate is %d tokens/s"
@@ -402,24 +434,33 @@ def _leave_out(k, given, config, members, accelerator):
         return members, [], summary
     gone = everything - set(best["keep"])
     if full["fits"]:
-        why = ("with them every step waits for the slowest device: estimated %d tokens/s on %d devices (%s, %s) "
-               "against %d tokens/s on %d without them (%s, %s)"
-               % (full["tokens_per_s"], full["world"], full["precision"], _choice_text(full["choice"]),
-                  best["tokens_per_s"], best["world"], best["precision"], _choice_text(best["choice"])))
+        causes = []
+        if any((peak(d, full["precision"]) or 0) < min(peak(kk, full["precision"]) or 0 for kk in best["keep"])
+               for d in gone):
+            causes.append("every step waits for the slowest device")
+        if min(d[1] for d in gone) < min(kk[1] for kk in best["keep"]) and (
+                full["choice"]["zero_stage"], full["choice"]["offload"], full["choice"]["micro_batch"]) != (
+                best["choice"]["zero_stage"], best["choice"]["offload"], best["choice"]["micro_batch"]):
+            causes.append("the smallest device forces a more sharded configuration or a smaller micro batch")
+        if len(best["hosts"]) < len(full["hosts"]) and full["estimate"]["communication"] > \
+                best["estimate"]["communication"]:
+            causes.append("their host adds communication over the network")
+        why = ("with them %s: estimated %d tokens/s on %d devices (%s, %s) against %d tokens/s on %d without them "
+               "(%s, %s)" % ("; ".join(causes) or "the cluster is slower",
+                             full["tokens_per_s"], full["world"], full["precision"], _choice_text(full["choice"]),
+                             best["tokens_per_s"], best["world"], best["precision"], _choice_text(best["choice"])))
     else:
         why = "with them: %s" % full["why"]
     kept = {h["name"]: h for h in best["hosts"]}
     left = []
     for host, gpus in per_host:
-        dropped = [g for g in gpus if (g.get("name") or "?", int(g.get("memory_mib") or 0), bool(g.get("bf16")))
-                   in gone]
+        dropped = [g for g in gpus if _kind(g) in gone]
         if dropped:
             left.append({"name": host["name"], "devices": [int(g["index"]) for g in dropped],
                          "device_name": ", ".join(sorted(set(g.get("name") or "?" for g in dropped))),
                          "whole_host": host["name"] not in kept,
                          "reason": why + "; -e use_all_devices=true keeps them"})
-    summary = _speed_summary(best, link)
-    return [kept[h["name"]] for h in members if h["name"] in kept], left, summary
+    return [kept[h["name"]] for h in members if h["name"] in kept], left, _speed_summary(best)
 
 
 LEAVE_OUT_MARGIN = 0.05  # leave devices out only for an estimated gain above 5%: the estimate is coarse
@@ -434,7 +475,7 @@ def _choice_text(choice):
                                          choice["micro_batch"])
 
 
-def _speed_summary(row, link):
+def _speed_summary(row):
     """plan["speed"]: the step-time estimate of the devices planned with, or None when it cannot be made."""
     from . import speed as SP
     if not row or not row.get("fits"):
@@ -456,8 +497,8 @@ def _speed_summary(row, link):
     return {"tokens_per_s": round(row["tokens_per_s"], 1), "step_s": round(est["step"], 3),
             "compute_s": round(est["compute"], 3), "communication_s": round(est["communication"], 3),
             "offload_s": round(est["offload"], 3), "slowest_device": est["slowest"],
-            "network_gbps": (link or SP.ASSUMED_NETWORK_GBPS) if len(row["hosts"]) > 1 else None,
-            "network_assumed": not link and len(row["hosts"]) > 1,
+            "network_gbps": (row["link"] or SP.ASSUMED_NETWORK_GBPS) if len(row["hosts"]) > 1 else None,
+            "network_assumed": bool(row["link_assumed"]) and len(row["hosts"]) > 1,
             "model_flops_utilization": SP.MODEL_FLOPS_UTILIZATION, "note": note}
 
 
@@ -491,7 +532,7 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
     ``previous``: on resume, the layout of the plan that last started ranks for that run (its ``layout``, kept
     in runs/<id>/started.json): with another world the global batch is kept when it divides, and the plan
     says that the checkpoint is converted to a universal one. ``model``: the model's config.json (sizing).
-    ``inputs``: {"model", "dataset": {"path", "dir"} or None}, those of them that lie on the controller: copied to
+    ``inputs``: {"model", "dataset", "eval_dataset": {"path", "dir"} or None}, those that lie on the controller: copied to
     every host under its dsfleet home (there is no shared filesystem), unless the plan is this machine alone."""
     k = normalize_knobs(knobs)
     given = {name for name, value in (knobs or {}).items() if value is not None}
@@ -499,6 +540,9 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
         given.discard("grad_accum")  # the resumed run's stored accumulation was derived from its global_batch
     if k["resume"]:
         k["run_id"] = k["resume"]
+    if k["eval_fraction"] and k["eval_dataset"]:
+        _fail("eval_fraction=%s and eval_dataset=%s were both passed; pass one: a held-out fraction of the dataset "
+              "or a dataset to eval on" % (k["eval_fraction"], k["eval_dataset"]))
     if not k["run_id"]:
         _fail("run_id is empty; the plan role names the run before planning (pass -e run_id=NAME by hand)")
     if not hosts:
@@ -587,6 +631,7 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
             "first_rank": rank,
             "devices": devices,
             "device_name": label,
+            "device_names": [] if accelerator == "cpu" else [g.get("name") or "?" for g in _host_gpus(host, accelerator)],
             "memory_mib": mem,
             "bf16": bf16,
             "ifname": ifname,
@@ -651,6 +696,9 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
         "batch": batch,
         "training": {
             "model": k["model"], "dataset": k["dataset"], "text_field": k["text_field"],
+            "data_format": k["data_format"], "prompt_field": k["prompt_field"], "response_field": k["response_field"],
+            "messages_field": k["messages_field"], "eval_fraction": k["eval_fraction"],
+            "eval_dataset": k["eval_dataset"], "eval_every": k["eval_every"],
             "max_steps": k["max_steps"], "epochs": k["epochs"], "block_size": k["block_size"], "lr": k["lr"],
             "warmup_steps": k["warmup_steps"], "seed": k["seed"], "log_every": k["log_every"],
             "save_every": k["save_every"], "save_every_minutes": k["save_every_minutes"],
@@ -774,7 +822,7 @@ def host_paths(home, venv, run_id):
         "train": home + "/code/train/train.py", "run_dir": run_dir, "out": run_dir + "/out",
         "log": run_dir + "/node.log", "metrics": run_dir + "/out/metrics.jsonl",
         "hostfile": run_dir + "/hostfile", "ds_config": run_dir + "/ds_config.json",
-        "replicas": run_dir + "/replicas.json",
+        "replicas": run_dir + "/replicas.json", "token_cache": home + "/cache/tokens",
     }
 
 
@@ -784,13 +832,21 @@ def train_args(plan, paths):
     staged = paths.get("inputs") or {}
     args = ["--deepspeed_config", paths["ds_config"], "--output_dir", paths["out"],
             "--model", staged.get("model", t["model"]), "--dataset", staged.get("dataset", t["dataset"]),
-            "--text_field", t["text_field"],
+            "--text_field", t["text_field"], "--data_format", t["data_format"],
+            "--prompt_field", t["prompt_field"], "--response_field", t["response_field"],
+            "--messages_field", t["messages_field"], "--token_cache", paths["token_cache"],
             "--max_steps", str(t["max_steps"]), "--block_size", str(t["block_size"]), "--lr", repr(t["lr"]),
             "--warmup_steps", str(t["warmup_steps"]), "--seed", str(t["seed"]), "--log_every", str(t["log_every"]),
             "--save_every", str(t["save_every"]), "--save_every_minutes", repr(t["save_every_minutes"]),
             "--keep_checkpoints", str(t["keep_checkpoints"])]
     if t["epochs"]:
         args += ["--epochs", str(t["epochs"])]
+    if t["eval_dataset"]:
+        args += ["--eval_dataset", staged.get("eval_dataset", t["eval_dataset"])]
+    elif t["eval_fraction"]:
+        args += ["--eval_fraction", repr(t["eval_fraction"])]
+    if t["eval_every"]:
+        args += ["--eval_every", str(t["eval_every"])]
     if t.get("activation_checkpointing"):
         args += ["--activation_checkpointing"]
     if t["resume"]:

@@ -73,7 +73,7 @@ def plan_table(plan):
                         speed["compute_s"], speed["slowest_device"], speed["communication_s"],
                         "%g Gbit/s" % speed["network_gbps"] if speed["network_gbps"] else
                         "PCIe (assumed %d Gbit/s; NVLink is not in the facts)" % SP.ASSUMED_PCIE_GBPS,
-                        " assumed: the facts give no link speed" if speed["network_assumed"] else "",
+                        " (assumed where the facts give no link speed)" if speed["network_assumed"] else "",
                         speed["offload_s"], "; " + speed["note"] if speed["note"] else ""))
     elif speed:
         lines.append("speed: " + speed["note"])
@@ -249,12 +249,33 @@ def summary(plan, metrics, extra=None):
         "final_loss": end.get("final_loss"),
         "tokens_per_s": end.get("tokens_per_s"),
         "train_seconds": end.get("elapsed_s"),
+        "eval_loss": end.get("eval_loss"),
+        "perplexity": end.get("perplexity"),
+        "evals": [{"step": m.get("step"), "eval_loss": m.get("eval_loss"), "perplexity": m.get("perplexity")}
+                  for m in metrics if m.get("event") == "eval"],
         "checkpoint_host": plan["master"]["name"],
         "checkpoint_dir": end.get("checkpoint_dir"),
         "export_dir": end.get("export_dir"),
     }
+    summary.update(_utilization(plan, end.get("tokens_per_s")))
     summary.update(extra or {})
     return summary
+
+
+def _utilization(plan, tokens_per_s):
+    """tokens/s per device and the model FLOPs utilization: 6 x active parameters x tokens/s (the training FLOPs per
+    token without attention, Kaplan et al. 2020) over the sum of the devices' datasheet peaks (speed.py); None
+    where a device's peak or the model's size is not known."""
+    sizing = plan.get("sizing") or {}
+    out = {"tokens_per_s_per_device": tokens_per_s / plan["world_size"] if _finite(tokens_per_s) else None,
+           "mfu": None}
+    names = [n for h in plan["hosts"] for n in h.get("device_names") or []]
+    if not (_finite(tokens_per_s) and sizing.get("known") and names and len(names) == plan["world_size"]):
+        return out
+    peaks = [SP.device_peak(n, plan["precision"]) for n in names]
+    if all(peaks):
+        out["mfu"] = 6 * sizing["params_active"] * tokens_per_s / (sum(p[0] for p in peaks) * 1e12)
+    return out
 
 
 def _finite(x):
@@ -270,8 +291,15 @@ def summary_table(summary):
             ("world size", str(summary["world_size"])),
             ("accelerator", "%s, %s, ZeRO %s, launcher %s" % (summary["accelerator"], summary["precision"],
                                                             summary["zero_stage"], summary["launcher"])),
-            ("steps", str(summary["steps"])), ("loss", loss),
-            ("tokens/s", "%.0f" % (summary.get("tokens_per_s") or 0)),
+            ("steps", str(summary["steps"])), ("loss", loss)] + ([
+            ("eval", "loss %.4f, perplexity %.2f (%d evals)" % (summary["eval_loss"], summary["perplexity"],
+                                                                len(summary.get("evals") or [])))]
+                if _finite(summary.get("eval_loss")) and _finite(summary.get("perplexity")) else []) + [
+            ("tokens/s", "%.0f" % (summary.get("tokens_per_s") or 0) + (
+                " (%.0f per device%s)" % (summary["tokens_per_s_per_device"],
+                                          "; MFU %.1f%% of the devices' datasheet peak" % (100 * summary["mfu"])
+                                          if _finite(summary.get("mfu")) else "")
+                if _finite(summary.get("tokens_per_s_per_device")) and summary["world_size"] > 1 else "")),
             ("checkpoint", "%s:%s" % (summary["checkpoint_host"], summary["checkpoint_dir"])),
             ("export", "%s:%s" % (summary["checkpoint_host"], summary["export_dir"]))]
     width = max(len(r[0]) for r in rows)

@@ -7,7 +7,8 @@ bytes per parameter that DeepSpeed's comment spells out for 16-bit training: 2 (
 4 (fp32 grads) + 4 (fp32 params) + 8 (Adam momentum and variance) = 2 + 18. ZeRO-1 and ZeRO-0, which DeepSpeed gives
 no estimator for, keep the same components with less of them partitioned. fp32 training keeps the same components
 in 4 bytes: DeepSpeed clones the fp32 master partition (``single_partition_of_fp32_groups``) and flattens the
-gradient partition for the step even when the model is fp32 already, 4 + 20 (measured: bench/load_memory.py). The
+gradient partition for the step even when the model is fp32 already, 4 + 20 from ZeRO-1 on (measured: bench/load_memory.py;
+without ZeRO the torch optimizer steps an fp32 model directly: 4 + 4 + 8). The
 host memory to load the model counts each rank reading the whole model in the load precision: DeepSpeed's
 estimators assume fp32 (4 bytes); the training module loads 16-bit models in 16 bits (``load_bytes=2``).
 
@@ -56,7 +57,8 @@ def model_states(params, largest_layer, stage, offload, world, ranks_per_host, n
             device = 4 * largest_layer + int(p * params / world)
             host = params * ((rest - 2) / nodes if zero_init else max(load, (rest - 2) / nodes)) * LOAD_BUFFER
         else:
-            # DeepSpeed's estimator counts 18 bytes here in 16-bit (the 16-bit partition inside); fp32 has no copy
+            # DeepSpeed's estimator counts 18 bytes here in 16-bit (the 16-bit partition inside); fp32 keeps its
+            # 4-byte partition beside the same 20
             device = 4 * largest_layer + int((rest if p == 2 else p + rest) * params / world)
             host = (largest_layer if zero_init else params) * load * LOAD_BUFFER
     elif stage == 2:
@@ -74,7 +76,9 @@ def model_states(params, largest_layer, stage, offload, world, ranks_per_host, n
             device = (p + g) * params + int((m + g32 + o) * params / world)
             host = params * load * LOAD_BUFFER
     else:
-        device = (p + rest) * params
+        # without ZeRO an fp32 model is stepped by the torch optimizer itself (DeepSpeed's optimizer sanity check
+        # wraps nothing): no master copy, no flattened gradients; 16-bit keeps the fp32 master and its gradients
+        device = (p + rest) * params if p == 2 else (p + g + o) * params
         host = params * load * LOAD_BUFFER
     return {"device": int(device), "host": int(host)}
 
@@ -94,8 +98,8 @@ def buckets(shape, stage):
     """DeepSpeed's communication buffer sizes (elements) scaled to the model, as transformers' ``HfDeepSpeedConfig``
     fills ``"auto"`` (integrations/deepspeed.py ``trainer_config_finalize``): the reduce bucket hidden^2, ZeRO-3's
     prefetch bucket 0.9 hidden^2 and persistence threshold 10 hidden. DeepSpeed's defaults (5e8 elements for the
-    reduce and all-gather buckets, 1e9 live parameters) are sized for the largest models: 1.9 GB per rank for the
-    fp32 reduce bucket alone, whatever the model (measured: bench/load_memory.py)."""
+    reduce and all-gather buckets) are sized for the largest models: 1.9 GB per rank for an fp32 reduce bucket,
+    whatever the model. ``stage3_max_live_parameters`` keeps DeepSpeed's default."""
     h = int(shape["hidden"])
     square = h * h + (h * h) % 2  # ZeRO-1/2 assert the all-gather bucket is a multiple of 2 elements
     out = {"reduce_bucket_size": square}

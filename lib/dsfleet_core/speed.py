@@ -33,14 +33,15 @@ import re
 
 MODEL_FLOPS_UTILIZATION = 0.40  # a typical fraction of peak for dense transformer training; the same for all
 ASSUMED_NETWORK_GBPS = 10.0     # between hosts, when the facts give no link speed (common 10 GbE)
-ASSUMED_PCIE_GBPS = 128.0       # within a host: PCIe 4.0 x16, about 16 GB/s per direction
+ASSUMED_PCIE_GBPS = 128.0       # within a host: 16 GB/s, PCIe 3.0 x16 per direction (4.0 x16 doubles it)
 ASSUMED_CPU_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeedCPUAdam on one host's cores, order of magnitude
 
 # (pattern on the device name, dense 16-bit tensor TFLOPS, fp32 TFLOPS, source)
 DEVICES = [
     (r"\bB200\b", 2250.0, 75.0, "NVIDIA HGX B200 datasheet (4.5 PF sparse FP16/BF16 per GPU)"),
+    (r"\bH200\b.*\bNVL\b", 835.5, 60.0, "NVIDIA H200 Tensor Core GPU datasheet (NVL)"),
     (r"\bH200\b", 989.4, 67.0, "NVIDIA H200 Tensor Core GPU datasheet (SXM)"),
-    (r"\bH100\b.*\bPCIe\b", 756.5, 51.2, "NVIDIA H100 Tensor Core GPU datasheet (PCIe)"),
+    (r"\bH[18]00\b.*\bPCIe\b", 756.5, 51.2, "NVIDIA H100 Tensor Core GPU datasheet (PCIe; the H800 PCIe alike)"),
     (r"\bH100\b.*\bNVL\b", 835.5, 60.0, "NVIDIA H100 Tensor Core GPU datasheet (NVL)"),
     (r"\bH100\b|\bH800\b", 989.4, 67.0, "NVIDIA H100 Tensor Core GPU datasheet (SXM)"),
     (r"\bH20\b", 148.0, 44.0, "NVIDIA H20 product brief"),
@@ -57,6 +58,7 @@ DEVICES = [
     (r"RTX 4090", 165.2, 82.6, "NVIDIA Ada GPU architecture whitepaper (FP16, FP32 accumulate)"),
     (r"RTX 3090 Ti", 80.0, 40.0, "NVIDIA Ampere GA102 GPU architecture whitepaper (FP16, FP32 accumulate)"),
     (r"RTX 3090", 71.0, 35.6, "NVIDIA Ampere GA102 GPU architecture whitepaper (FP16, FP32 accumulate)"),
+    (r"RTX 3080 Ti", 68.2, 34.1, "NVIDIA Ampere GA102 GPU architecture whitepaper (FP16, FP32 accumulate)"),
     (r"RTX 3080", 59.5, 29.8, "NVIDIA Ampere GA102 GPU architecture whitepaper (FP16, FP32 accumulate)"),
     (r"RTX 2080 Ti", 53.8, 13.4, "NVIDIA Turing GPU architecture whitepaper (FP16, FP32 accumulate)"),
     (r"RTX 2080", 40.3, 10.1, "NVIDIA Turing GPU architecture whitepaper (FP16, FP32 accumulate)"),
@@ -71,7 +73,7 @@ DEVICES = [
     (r"\bMI250X\b", 191.5, 47.9, "AMD Instinct MI250X datasheet (383 TFLOPS BF16 per package of two GCDs)"),
     (r"\bMI250\b", 181.0, 45.3, "AMD Instinct MI250 datasheet (362 TFLOPS BF16 per package of two GCDs)"),
     (r"\bMI210\b", 181.0, 45.3, "AMD Instinct MI210 datasheet"),
-    (r"\bMI100\b", 92.3, 23.1, "AMD Instinct MI100 datasheet"),
+    (r"\bMI100\b", 92.3, 46.1, "AMD Instinct MI100 datasheet (fp32 matrix)"),
 ]
 
 

@@ -314,6 +314,62 @@ def test_deepspeed_run_trains_checkpoints_exports_and_resumes(tmp_path):
     assert (out / "checkpoint" / "latest").read_text().strip() == "global_step24"
 
 
+def _instruction_rows(path, n=240):
+    words = ["red", "blue", "green", "gold", "grey", "pink"]
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = i % 17, (i * 7) % 13
+            f.write(json.dumps({"prompt": f"Question {i}: what is {a} plus {b}, and which colour comes next after "
+                                          f"{words[i % 6]}?", "response": f" {a + b}, then {words[(i + 1) % 6]}."})
+                    + "\n")
+
+
+def test_instruction_data_evals_and_a_second_run_reuses_the_token_cache(tmp_path):
+    """prompt/response rows (loss on the response only: tests/unit/test_tokens.py checks the labels), a held-out
+    tenth evaluated every 5 steps and at the end, the corpus tokenized once into the host's token cache and mapped
+    by both ranks; a second run finds it."""
+    ds_config = tmp_path / "ds_config.json"
+    ds_config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+                                     "zero_optimization": {"stage": 2}, "steps_per_print": 1000}))
+    rows, cache = tmp_path / "sft.jsonl", tmp_path / "cache"
+    _instruction_rows(rows)
+    common = ("--dataset", rows, "--block_size", 64, "--token_cache", cache, "--eval_fraction", 0.1, "--log_every", 5,
+              "--save_every_minutes", 0)
+    proc = _launch(ds_config, tmp_path / "one", "--max_steps", 10, "--eval_every", 5, *common)
+    events = _events(tmp_path / "one")
+    start, end = events[0], events[-1]
+    assert start["data_format"] == "instruction" and start["token_cache"]["format"] == "instruction"
+    assert start["token_cache"]["blocks"] == 240 and start["eval_blocks"] == 24
+    assert proc.stdout.count("token cache: built ") + proc.stdout.count("token cache: reusing ") == 1  # rank 0's
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [5, 10]
+    for e in evals:
+        assert math.isfinite(e["eval_loss"]) and abs(e["perplexity"] - math.exp(e["eval_loss"])) < 1e-6 * e["perplexity"]
+        assert 0 < e["eval_tokens"] < 24 * 64   # response tokens only: the prompts are masked
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"] and (end["eval_loss"], end["perplexity"]) == (
+        evals[1]["eval_loss"], evals[1]["perplexity"])
+    assert "eval at step 10 | loss " in proc.stdout
+    folders = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(folders) == 1 and (folders[0] / "labels.bin").is_file()    # one build for both ranks
+
+    proc = _launch(ds_config, tmp_path / "two", "--max_steps", 2, *common)
+    start = _events(tmp_path / "two")[0]
+    assert start["token_cache"]["reused"] is True and start["token_cache"]["path"] == str(folders[0])
+    assert "token cache: reusing " + str(folders[0]) in proc.stdout
+
+
+def test_chat_rows_need_a_chat_template_and_say_so(ds_config, tmp_path):
+    rows = tmp_path / "chat.jsonl"
+    rows.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    proc = run_cli("--deepspeed_config", ds_config, "--output_dir", tmp_path / "out", "--dataset", rows,
+                   "--token_cache", tmp_path / "cache")
+    assert proc.returncode == 2 and "the tokenizer has no chat template" in proc.stderr, proc.stderr
+    assert "--data_format instruction" in proc.stderr
+    proc = run_cli("--deepspeed_config", ds_config, "--output_dir", tmp_path / "out", "--dataset", rows, "--preflight")
+    assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[-1])["format"] == "chat", proc.stderr
+
+
 def test_zero3_builds_only_each_ranks_partition_and_recomputes_activations(tmp_path):
     """Under ZeRO-3 the module builds the model inside deepspeed.zero.Init (transformers' HfDeepSpeedConfig): no
     rank ever holds the whole model; --activation_checkpointing turns on the model's gradient checkpointing."""

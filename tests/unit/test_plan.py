@@ -1,5 +1,6 @@
 """The cluster planner on tables of clusters: which hosts, slots, vendor, backend, precision, master, ifnames."""
 import json
+import pathlib
 
 import pytest
 
@@ -576,3 +577,35 @@ def test_inputs_only_the_controller_has_are_copied_to_every_host_and_read_there(
     assert alone["inputs"] == {} and alone["hosts"][0]["inputs"] == []
     argv = alone["hosts"][0]["process"]["argv"]
     assert argv[argv.index("--dataset") + 1] == "/data/c.jsonl"
+
+
+def test_data_format_and_eval_reach_the_training_module():
+    argv = make_plan([host("a", 11, [A100(0)])], {"data_format": "instruction", "prompt_field": "q",
+                                                  "response_field": "a", "eval_fraction": 0.1, "eval_every": 20,
+                                                  "run_id": "r"})["hosts"][0]["process"]["argv"]
+    pairs = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
+    assert (pairs["--data_format"], pairs["--prompt_field"], pairs["--response_field"]) == ("instruction", "q", "a")
+    assert (pairs["--eval_fraction"], pairs["--eval_every"]) == ("0.1", "20") and "--eval_dataset" not in pairs
+    assert pairs["--token_cache"].endswith("/.dsfleet/cache/tokens")   # on each host, beside its runs
+    plain = make_plan([host("a", 11, [A100(0)])])["hosts"][0]["process"]["argv"]
+    assert "--eval_fraction" not in plain and plain[plain.index("--data_format") + 1] == "auto"
+    with pytest.raises(PlanError, match="eval_fraction=0.1 and eval_dataset=/e.jsonl were both passed"):
+        make_plan([host("a", 11, [A100(0)])], {"eval_fraction": 0.1, "eval_dataset": "/e.jsonl"})
+
+
+def test_summary_gives_eval_tokens_per_device_and_mfu():
+    cfg = json.loads((pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "configs" / "gpt2.json").read_text())
+    plan = P.make_plan([host("a", 11, [A100(0), A100(1)])], {"run_id": "r"}, None, cfg)
+    metrics = [{"event": "eval", "step": 5, "eval_loss": 2.0, "perplexity": 7.389},
+               {"event": "end", "steps": 10, "first_loss": 3.0, "final_loss": 1.5, "tokens_per_s": 100000.0,
+                "eval_loss": 1.9, "perplexity": 6.686, "elapsed_s": 4.0}]
+    s = R.summary(plan, metrics)
+    assert (s["eval_loss"], s["perplexity"], s["evals"]) == (1.9, 6.686, [{"step": 5, "eval_loss": 2.0,
+                                                                           "perplexity": 7.389}])
+    assert s["tokens_per_s_per_device"] == 50000.0
+    assert s["mfu"] == pytest.approx(6 * 124439808 * 100000.0 / (2 * 312e12))
+    table = "\n".join(R.summary_table(s))
+    assert "eval         loss 1.9000, perplexity 6.69 (1 evals)" in table
+    assert "tokens/s     100000 (50000 per device; MFU 12.0% of the devices' datasheet peak)" in table
+    cpu = R.summary(P.make_plan([host("c", 11)], {"run_id": "r"}, None, cfg), metrics)
+    assert cpu["mfu"] is None and "MFU" not in "\n".join(R.summary_table(cpu))

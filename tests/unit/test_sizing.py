@@ -53,9 +53,11 @@ def test_model_states_are_deepspeeds_formulas():
     assert SZ.model_states(p, ll, 3, "none", 8, 8, 1, "bf16")["device"] == 4 * ll + 18 * p // 8
     assert SZ.model_states(p, ll, 3, "cpu", 8, 4, 2, "bf16") == {"device": 4 * ll + 2 * p // 8,
                                                                    "host": int(p * max(16, 16 / 2) * 1.5)}
-    # fp32: the same components in 4 bytes (DeepSpeed clones the master partition and flattens the gradients even
-    # for an fp32 model): 4 + 20, the 20 partitioned from ZeRO-2 on
-    assert SZ.model_states(p, ll, 0, "none", 2, 2, 1, "fp32")["device"] == 24 * p
+    # fp32: under ZeRO the same components in 4 bytes (DeepSpeed clones the master partition and flattens the
+    # gradients even for an fp32 model): 4 + 20, the 20 partitioned from ZeRO-2 on; without ZeRO torch's optimizer
+    # steps the model itself: 4 + 4 + 8
+    assert SZ.model_states(p, ll, 0, "none", 2, 2, 1, "fp32")["device"] == 16 * p
+    assert SZ.model_states(p, ll, 0, "none", 2, 2, 1, "bf16")["device"] == 20 * p
     assert SZ.model_states(p, ll, 2, "none", 2, 2, 1, "fp32")["device"] == 4 * p + 20 * p // 2
 
 

@@ -69,13 +69,14 @@ def test_two_rtx_2080s_beside_four_a100s_are_left_out_and_the_plan_says_why():
     assert (p["precision"], p["zero"]) == ("bf16", {"stage": 2, "offload": "none"})
     assert p["speed"]["tokens_per_s"] > kept["speed"]["tokens_per_s"] * 5
     reason = dict((e["name"], e["reason"]) for e in p["excluded"])["ws"]
-    assert reason.startswith("its NVIDIA GeForce RTX 2080: with them every step waits for the slowest device: "
-                             "estimated %d tokens/s on 6 devices (fp16, ZeRO-3 + offload, micro batch "
-                             % kept["speed"]["tokens_per_s"]), reason
+    assert reason.startswith("its NVIDIA GeForce RTX 2080: with them every step waits for the slowest device; the "
+                             "smallest device forces a more sharded configuration or a smaller micro batch; their "
+                             "host adds communication over the network: estimated %d tokens/s on 6 devices (fp16, "
+                             "ZeRO-3 + offload, micro batch " % kept["speed"]["tokens_per_s"]), reason
     assert "against %d tokens/s on 4 without them (bf16, ZeRO-2, micro batch 4)" % p["speed"]["tokens_per_s"] in reason
     assert reason.endswith("; -e use_all_devices=true keeps them")
     table = "\n".join(R.plan_table(p))
-    assert "left out: ws — its NVIDIA GeForce RTX 2080: with them every step waits" in table
+    assert "left out: ws — its NVIDIA GeForce RTX 2080: with them every step waits for the slowest" in table
     assert "speed (estimate from datasheet peaks at 40% utilization): " in table
     assert "compute" in table and "on the slowest, NVIDIA A100-SXM4-80GB; communication" in table
 
@@ -109,7 +110,7 @@ def test_equal_cards_keep_everything_and_get_an_estimate():
     p = plan([host("a", 11, [V100(0), V100(1)]), host("b", 12, [V100(0), V100(1)])], "gpt2")
     assert p["world_size"] == 4 and p["excluded"] == [] and p["left_out_devices"] == []
     assert p["speed"]["slowest_device"] == "Tesla V100-SXM2-32GB" and p["speed"]["network_assumed"] is True
-    assert "over 10 Gbit/s assumed: the facts give no link speed" in "\n".join(R.plan_table(p))
+    assert "over 10 Gbit/s (assumed where the facts give no link speed)" in "\n".join(R.plan_table(p))
 
 
 def test_the_network_speed_comes_from_the_facts():
@@ -133,3 +134,44 @@ def test_the_chosen_master_is_never_left_out():
     fleet = [big("srv", 11, [A100(i) for i in range(4)], 512), big("ws", 12, [RTX2080(0), RTX2080(1)], 512)]
     p = plan(fleet, "llama-2-7b", master="ws")
     assert p["master"]["name"] == "ws" and p["world_size"] == 6
+
+
+def test_a_fast_card_is_never_left_out_to_keep_a_slow_one():
+    """A V100 (device 0) beside two A100s in one host: dropping the A100s would leave one rank with no
+    communication, but the plan only ever leaves out kinds slower or smaller than all it keeps."""
+    p = plan([host("srv", 11, [V100(0), A100(1), A100(2)])], "gpt2")
+    assert 1 in p["hosts"][0]["devices"] and 2 in p["hosts"][0]["devices"]
+    # the user's master on the V100 host keeps that host: the A100 host is not traded for it
+    fleet = [host("m", 11, [V100(0)]), host("a", 12, [A100(0), A100(1)])]
+    p = plan(fleet, "gpt2", master="m")
+    assert [h["name"] for h in p["hosts"]] == ["m", "a"] and p["world_size"] == 3
+
+
+def test_each_candidate_is_priced_over_its_own_slowest_link():
+    """Two 100 Gbit/s A100 hosts and one V100 host on 1 Gbit/s: without the V100 host the A100s talk at 100."""
+    a, b, v = (host("a", 11, [A100(0), A100(1)]), host("b", 12, [A100(0), A100(1)]), host("v", 13, [V100(0)]))
+    for h, mbps in ((a, 100000), (b, 100000), (v, 1000)):
+        h["interfaces"][1]["speed_mbps"] = mbps
+    p = plan([a, b, v], "gpt2")
+    assert [h["name"] for h in p["hosts"]] == ["a", "b"]
+    assert (p["speed"]["network_gbps"], p["speed"]["network_assumed"]) == (100.0, False)
+    reason = dict((e["name"], e["reason"]) for e in p["excluded"])["v"]
+    assert "every step waits for the slowest device" in reason and "over the network" in reason
+
+
+def test_errors_that_are_not_memory_still_stop_the_plan():
+    fleet = [host("srv", 11, [A100(i) for i in range(4)]), host("old", 12, [V100(0), V100(1)])]
+    with pytest.raises(PlanError, match="global_batch=8 does not divide over the plan's 6 ranks"):
+        plan(fleet, "gpt2", global_batch=8)
+    with pytest.raises(PlanError, match="precision=bf16 but old cannot run bf16"):
+        plan(fleet, "gpt2", precision="bf16")
+
+
+def test_a_smaller_card_of_the_same_speed_is_left_out_only_when_it_costs():
+    small = lambda i: gpu(i, "NVIDIA A100-SXM4-40GB", 40960, "8.0")  # noqa: E731
+    p = plan([host("srv", 11, [A100(0), A100(1), small(2), small(3)])], "gpt2")
+    assert p["world_size"] == 4 and p["left_out_devices"] == []   # gpt2 fits 40 GB as it fits 80: all kept
+    s = plan([big("srv", 11, [A100(0), A100(1), small(2), small(3)], 512)], "llama-2-7b", zero_stage=2,
+             offload="none")
+    assert s["world_size"] == 2 and s["left_out_devices"][0]["devices"] == [2, 3]
+    assert "with them: the model does not fit" in s["left_out_devices"][0]["reason"]
