@@ -6,6 +6,7 @@ controller's wheelhouse, then each test breaks one thing, runs launch.yml throug
 """
 
 import json
+import math
 import os
 import pathlib
 import re
@@ -310,9 +311,16 @@ def test_a_dataset_only_the_controller_has_trains_on_every_host(cluster, tmp_pat
     data = tmp_path / "mine.jsonl"
     data.write_text("".join(json.dumps({"text": "record %d of the user's own data, seen only here." % i}) + "\n"
                             for i in range(400)))
-    result, run_id, _ = launch(cluster, tmp_path, max_steps=4, dataset=str(data), block_size=32)
+    result, run_id, _ = launch(cluster, tmp_path, max_steps=4, dataset=str(data), block_size=32, eval_fraction=0.1)
     assert result.rc == 0, result.stdout[-4000:]
     assert "dataset %s: on the controller only; copied to every host" % data in result.stdout
+    summary = json.loads((RUNS / run_id / "summary.json").read_text())
+    assert math.isfinite(summary["eval_loss"]) and summary["perplexity"] > 1, summary
+    # each host tokenized the copy once into its own token cache
+    caches = {h: [p for p in (home(cluster, h) / ".dsfleet" / "cache" / "tokens").iterdir() if p.is_dir() and
+                  json.loads((p / "meta.json").read_text())["source"].endswith("/mine.jsonl")]
+              for h in cluster.names}
+    assert all(len(c) == 1 for c in caches.values()), caches
     copies = {h: list((home(cluster, h) / ".dsfleet" / "inputs").glob("mine.jsonl-*/mine.jsonl")) for h in cluster.names}
     assert all(len(c) == 1 and c[0].read_text() == data.read_text() for c in copies.values()), copies
     first = copies["h2"][0].stat()
@@ -322,6 +330,9 @@ def test_a_dataset_only_the_controller_has_trains_on_every_host(cluster, tmp_pat
     assert (after.st_ino, after.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
     summary = json.loads((RUNS / second_id / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["dataset"] == str(data)
+    # the second run maps the same token cache (another run id, the same data): nothing tokenized again
+    log = (RUNS / second_id / "logs" / "h1.log").read_text()
+    assert re.search(r"token cache: reusing /\S+/\.dsfleet/cache/tokens/%s " % caches["h1"][0].name, log), log[-3000:]
 
 
 def test_a_model_only_the_hosts_have_is_sized_from_the_masters_config(cluster, tmp_path):
