@@ -108,21 +108,7 @@ def read_texts(kind, where, text_field="text", head_bytes=None):
                 fail(f"dataset {where} line {n}: field {text_field!r} is not a string", "Store the text as a JSON string")
             texts.append(row[text_field])
     else:
-        import datasets
-        try:
-            if kind == "disk":
-                ds = datasets.load_from_disk(where)
-            elif kind == "file":
-                ds = datasets.load_dataset(FILE_BUILDERS[Path(where).suffix.lower()], data_files=where)
-            else:
-                ds = datasets.load_dataset(where)
-        except (OSError, ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
-            fail(f"cannot load dataset {where}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
-                 "Check the path or name; hub names need network access")
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                fail(f"dataset {where} has no train split (splits: {', '.join(ds)})", "Save or select a 'train' split")
-            ds = ds["train"]
+        ds = load_table(kind, where)
         if text_field not in ds.column_names:
             fail(f"dataset {where} has no column {text_field!r} (columns: {', '.join(ds.column_names)})",
                  "Pass --text_field NAME naming the text column")
@@ -131,6 +117,26 @@ def read_texts(kind, where, text_field="text", head_bytes=None):
     if not texts:
         fail(f"dataset {where} holds no text", "Point --dataset at a non-empty dataset")
     return texts
+
+
+def load_table(kind, where):
+    """The train split of a datasets-backed dataset (a saved directory, a .json/.csv/.parquet file, a hub name)."""
+    import datasets
+    try:
+        if kind == "disk":
+            ds = datasets.load_from_disk(where)
+        elif kind == "file":
+            ds = datasets.load_dataset(FILE_BUILDERS[Path(where).suffix.lower()], data_files=where)
+        else:
+            ds = datasets.load_dataset(where)
+    except (OSError, ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
+        fail(f"cannot load dataset {where}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+             "Check the path or name; hub names need network access")
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            fail(f"dataset {where} has no train split (splits: {', '.join(ds)})", "Save or select a 'train' split")
+        ds = ds["train"]
+    return ds
 
 
 def tokenize(texts, tokenizer, batch_size=1000):

@@ -83,39 +83,23 @@ def iter_text_file(path):
 def iter_jsonl(path):
     try:
         with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    fail(f"dataset {path} line {n} is not JSON ({e})", "Write one JSON object per line")
-                if not isinstance(row, dict):
-                    fail(f"dataset {path} line {n} is not a JSON object", "Write one JSON object per line")
-                yield n, row
+            yield from jsonl_rows(f, path)
     except UnicodeDecodeError as e:
         fail(f"cannot read dataset {path}: {e}", "The file must be UTF-8 text")
 
 
-def _load_table(kind, where):
-    import datasets
-
-    from dsfleet_data import FILE_BUILDERS
-    try:
-        if kind == "disk":
-            ds = datasets.load_from_disk(where)
-        elif kind == "file":
-            ds = datasets.load_dataset(FILE_BUILDERS[Path(where).suffix.lower()], data_files=where)
-        else:
-            ds = datasets.load_dataset(where)
-    except (OSError, ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
-        fail(f"cannot load dataset {where}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
-             "Check the path or name; hub names need network access")
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            fail(f"dataset {where} has no train split (splits: {', '.join(ds)})", "Save or select a 'train' split")
-        ds = ds["train"]
-    return ds
+def jsonl_rows(lines, where):
+    """(line number, dict) of each non-blank line of a jsonl file."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            fail(f"dataset {where} line {n} is not JSON ({e})", "Write one JSON object per line")
+        if not isinstance(row, dict):
+            fail(f"dataset {where} line {n} is not a JSON object", "Write one JSON object per line")
+        yield n, row
 
 
 def iter_rows(kind, where):
@@ -123,7 +107,8 @@ def iter_rows(kind, where):
     if kind == "jsonl":
         yield from iter_jsonl(where)
         return
-    ds = _load_table(kind, where)
+    from dsfleet_data import load_table
+    ds = load_table(kind, where)
     for start in range(0, len(ds), BATCH):
         chunk = ds[start:start + BATCH]
         names = list(chunk)

@@ -406,15 +406,7 @@ def sample_check(args, dkind, dwhere):
         lines = head.decode("utf-8").splitlines()
     except UnicodeDecodeError as e:
         fail(f"cannot read dataset {dwhere}: {e}", "The file must be UTF-8 text")
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            fail(f"dataset {dwhere} line {n} is not JSON ({e})", "Write one JSON object per line")
-        if not isinstance(row, dict):
-            fail(f"dataset {dwhere} line {n} is not a JSON object", "Write one JSON object per line")
+    for n, row in TK.jsonl_rows(lines, dwhere):
         if fmt == "auto":
             fmt = "chat" if fields["messages"] in row else "instruction" if (
                 fields["prompt"] in row and fields["response"] in row) else "text"
