@@ -3,7 +3,6 @@
 Torch-free (stdlib; ``datasets`` is imported only for datasets-backed inputs): the unit tests import it directly.
 train/train.py re-exports everything here.
 """
-import json
 import random
 import re
 from pathlib import Path
@@ -95,14 +94,9 @@ def read_texts(kind, where, text_field="text", head_bytes=None):
         texts = _paragraphs(raw)
     elif kind == "jsonl":
         texts = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                fail(f"dataset {where} line {n} is not JSON ({e})", "Write one JSON object per line")
-            if not isinstance(row, dict) or text_field not in row:
+        from dsfleet_tokens import jsonl_rows
+        for n, row in jsonl_rows(raw.splitlines(), where):
+            if text_field not in row:
                 fail(f"dataset {where} line {n} has no field {text_field!r}", "Pass --text_field NAME naming the text field")
             if not isinstance(row[text_field], str):
                 fail(f"dataset {where} line {n}: field {text_field!r} is not a string", "Store the text as a JSON string")
