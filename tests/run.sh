@@ -49,4 +49,4 @@ case "$tier" in
   *) if [ "$#" -eq 0 ]; then lint; set -- tests/unit tests/e2e tests/cluster; fi ;;
 esac
 echo "== pytest $*"
-exec python -m pytest -ra "$@"
+exec python -m pytest -ra --durations=40 "$@"
