@@ -39,7 +39,9 @@ Outputs in --output_dir:
                      rank 0 held once built: its ZeRO-3 partition), "activation_checkpointing",
                      "load_peak_rss_mib", "time"}
                     {"event": "step", "step", "loss" (mean over ranks), "lr", "tokens_per_s" (all ranks),
-                     "elapsed_s", "time"}   at step 1 of the run, every --log_every steps, the last step
+                     "elapsed_s", "grad_norm" (before clipping, where DeepSpeed computed it), "time"}   at step 1
+                     of the run, every --log_every steps, the last step
+                    {"event": "eval", "step", "eval_loss", "perplexity", "eval_tokens", "time"}   with eval data
                     {"event": "end", "steps", "first_loss", "final_loss", "tokens_per_s", "checkpoint_dir",
                      "checkpoint_tag", "export_dir", "elapsed_s", "peak_rss_mib" (rank 0), "time"}
                     {"event": "error", "error", "time"}   if training raised
@@ -48,6 +50,9 @@ Outputs in --output_dir:
                     exactly if it was written by this world size, else from <tag>_universal (a universal
                     checkpoint, see dsfleet_ckpt.py) when one is there
     export/         save_pretrained (safetensors) + tokenizer; AutoModelForCausalLM.from_pretrained loads it
+    tensorboard/    TensorBoard events (train/loss, train/lr, train/tokens_per_s, train/grad_norm, eval/loss,
+                    eval/perplexity): tensorboard --logdir runs/<id>/tensorboard
+    plot.png        loss (train, eval), lr and tokens/s per step (dsfleet_plot.py), redrawn every --plot_every_s
 
 Bad input exits 2 with one line on stderr: "dsfleet-train: error: <what is wrong>. <how to fix>".
 """
@@ -111,6 +116,7 @@ LR = 3e-4                  # peak learning rate (client AdamW, or "auto" in the 
 WARMUP_STEPS = 0           # linear warmup steps
 SEED = 1234                # model init and data order
 LOG_EVERY = 1              # log a step event every N steps (0: only the first and last step)
+PLOT_EVERY_S = 60          # redraw out/plot.png at most this often while training (and always at the end)
 SAVE_EVERY = 0             # intermediate checkpoint every N steps (0: only at the end)
 SAVE_EVERY_MINUTES = 30.0  # and a checkpoint whenever this many minutes passed since the last one (0: off)
 KEEP_CHECKPOINTS = 2       # complete checkpoints kept on each host (0: all)
@@ -162,6 +168,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup_steps", type=int, default=WARMUP_STEPS, help="linear warmup steps")
     p.add_argument("--seed", type=int, default=SEED, help="model init and data order seed")
     p.add_argument("--log_every", type=int, default=LOG_EVERY, help="step event every N steps (0: first/last)")
+    p.add_argument("--plot_every_s", type=float, default=PLOT_EVERY_S,
+                   help="redraw out/plot.png at most this often while training (0: only at the end)")
+    p.add_argument("--no_tensorboard", action="store_true", help="write no TensorBoard events in out/tensorboard/")
     p.add_argument("--save_every", type=int, default=SAVE_EVERY, help="checkpoint every N steps (0: at end)")
     p.add_argument("--save_every_minutes", type=float, default=SAVE_EVERY_MINUTES,
                    help="also checkpoint when this many minutes passed since the last one (0: off)")
@@ -196,7 +205,7 @@ def validate_args(args):
         fail(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}", "Pass e.g. --eval_fraction 0.05")
     if args.eval_fraction and args.eval_dataset:
         fail("--eval_fraction and --eval_dataset were both given", "Pass one: a held-out fraction or an eval dataset")
-    for name in ("warmup_steps", "log_every", "save_every", "save_every_minutes", "keep_checkpoints", "eval_every"):
+    for name in ("warmup_steps", "log_every", "plot_every_s", "save_every", "save_every_minutes", "keep_checkpoints", "eval_every"):
         if getattr(args, name) < 0:
             fail(f"--{name} must be >= 0, got {getattr(args, name)}", f"Pass --{name} 0 or a positive number")
     if not args.text_field:
@@ -418,26 +427,73 @@ def sample_check(args, dkind, dwhere):
 
 
 class Metrics:
-    """rank 0's metrics.jsonl: one JSON object per line, flushed per line. Other ranks write nothing."""
+    """rank 0's records of the run: metrics.jsonl (one JSON object per line, flushed per line), progress.json,
+    TensorBoard events (out/tensorboard/) and the plot (out/plot.png, dsfleet_plot.py in a child process so a step
+    never waits on matplotlib). Other ranks write nothing."""
 
-    def __init__(self, path, enabled):
+    def __init__(self, path, enabled, tensorboard=True, plot_every_s=PLOT_EVERY_S):
         self.file = open(path, "a", encoding="utf-8") if enabled else None
+        self.path = Path(path)
+        self.plot_every_s, self.plot_proc, self.plot_at = plot_every_s, None, time.time()
+        self.tb = None
+        if self.file and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:  # an environment from before dsfleet pinned tensorboard
+                print(f"dsfleet-train: no TensorBoard events ({e}); run setup.yml to install the pinned tensorboard",
+                      file=sys.stderr, flush=True)
+            else:
+                self.tb = SummaryWriter(log_dir=str(self.path.with_name("tensorboard")), flush_secs=30)
 
     def write(self, event, **fields):
         if self.file:
             self.file.write(json.dumps({"event": event, **fields, "time": time.time()}) + "\n")
             self.file.flush()
 
+    def scalars(self, step, **values):
+        """TensorBoard scalars at this step: {"train/loss": 2.3, ...}; None values are left out."""
+        if self.tb is not None:
+            for name, value in values.items():
+                if value is not None:
+                    self.tb.add_scalar(name, value, step)
+            self.tb.flush()
+
+    def plot(self, final=False):
+        """Redraw out/plot.png: in the background at most every plot_every_s; final waits for it."""
+        if not self.file:
+            return
+        import subprocess
+        argv = [sys.executable, str(HERE / "dsfleet_plot.py"), str(self.path), str(self.path.with_name("plot.png"))]
+        busy = self.plot_proc is not None and self.plot_proc.poll() is None
+        if final:
+            if busy:
+                self.plot_proc.wait()
+            try:
+                done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True, timeout=300)
+            except subprocess.TimeoutExpired:
+                print("dsfleet-train: drawing plot.png took over 300 s; left it", file=sys.stderr, flush=True)
+                return
+            if done.returncode:
+                print(f"dsfleet-train: plot.png not drawn: {done.stderr.strip()[-500:]}", file=sys.stderr, flush=True)
+        elif self.plot_every_s and not busy and time.time() - self.plot_at >= self.plot_every_s:
+            self.plot_at = time.time()
+            self.plot_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
     def progress(self, **fields):
         """out/progress.json: the newest progress in one small file, for the host's supervisor to report."""
         if self.file:
-            path = Path(self.file.name).with_name("progress.json")
+            path = self.path.with_name("progress.json")
             path.with_suffix(".tmp").write_text(json.dumps({**fields, "time": time.time()}))
             os.replace(path.with_suffix(".tmp"), path)
 
     def close(self):
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
         if self.file:
             self.file.close()
+            self.file = None
 
 
 def training_function(args):
@@ -596,7 +652,8 @@ def training_function(args):
         dist.all_reduce(t)
         return t.item() / world_size
 
-    metrics = Metrics(out / "metrics.jsonl", enabled=rank == 0)
+    metrics = Metrics(out / "metrics.jsonl", enabled=rank == 0, tensorboard=not args.no_tensorboard,
+                      plot_every_s=args.plot_every_s)
     metrics.write("start", world_size=world_size, model=args.model, params=n_params, block_size=args.block_size,
                   micro_batch=s["micro_batch"], grad_accum=s["grad_accum"], precision=s["precision"],
                   zero_stage=s["zero_stage"], start_step=start_step, total_steps=total_steps,
@@ -618,6 +675,7 @@ def training_function(args):
         loss, ppl, tokens = evaluate()
         eval_result = {"eval_loss": loss, "perplexity": ppl, "eval_tokens": tokens}
         metrics.write("eval", step=at_step, **eval_result)
+        metrics.scalars(at_step, **{"eval/loss": loss, "eval/perplexity": ppl})
         print0(f"eval at step {at_step} | loss {loss:.4f} | perplexity {ppl:.2f} | {tokens:,} tokens")
 
     step = start_step
@@ -642,7 +700,13 @@ def training_function(args):
                 t_last, step_last = now, step
                 first_loss = loss if first_loss is None else first_loss
                 final_loss = loss
-                metrics.write("step", step=step, loss=loss, lr=lr, tokens_per_s=tps, elapsed_s=now - t0)
+                norm = engine.get_global_grad_norm()  # the norm before clipping (None where nothing computed it)
+                norm = float(norm) if norm is not None and math.isfinite(float(norm)) else None
+                metrics.write("step", step=step, loss=loss, lr=lr, tokens_per_s=tps, elapsed_s=now - t0,
+                              **({"grad_norm": norm} if norm is not None else {}))
+                metrics.scalars(step, **{"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tps,
+                                         "train/grad_norm": norm})
+                metrics.plot()
                 metrics.progress(event="step", step=step, total=total_steps, start_step=start_step, loss=loss, lr=lr,
                                  tokens_per_s=tps, elapsed_s=now - t0)
                 print0(f"step {step}/{total_steps} | loss {loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s")
@@ -656,6 +720,7 @@ def training_function(args):
                     tag = save(step, final=stop)
                     last_save = time.time()
                 if stop:
+                    metrics.plot(final=True)
                     metrics.write("stopped", step=step, checkpoint_tag=tag, checkpoint_dir=str(ckpt_dir.resolve()))
                     metrics.progress(event="stopped", step=step, total=total_steps, start_step=start_step,
                                      loss=final_loss, elapsed_s=time.time() - t0, checkpoint_tag=tag)
@@ -675,8 +740,10 @@ def training_function(args):
         dist.barrier()
     except Exception as e:
         metrics.write("error", error=f"{type(e).__name__}: {e}")
+        metrics.plot(final=True)
         metrics.close()
         raise
+    metrics.plot(final=True)
     metrics.write("end", steps=step, first_loss=first_loss, final_loss=final_loss,
                   tokens_per_s=tokens_per_step * (step - start_step) / max(elapsed, 1e-9),
                   checkpoint_dir=str(ckpt_dir.resolve()), checkpoint_tag=tag, export_dir=str(export_dir.resolve()),

@@ -95,7 +95,11 @@ KNOB_LIST = (
          minimum=0.0),
     Knob("warmup_steps", int, 0, "train", "linear warmup steps", minimum=0),
     Knob("seed", int, 1234, "train", "model init and data order; `infer.yml`: the sampling seed"),
-    Knob("log_every", int, 1, "train", "rank 0 writes a metrics line every N steps", minimum=1),
+    Knob("log_every", int, 1, "train", "rank 0 writes a metrics line (and TensorBoard scalars) every N steps",
+         minimum=1),
+    Knob("plot_every_s", float, 60.0, "train", "rank 0 redraws plot.png (loss, eval loss, lr, tokens/s) at most this "
+         "often while training, and always at the end; `status.yml` and the end of the run bring it, metrics.jsonl and "
+         "the TensorBoard events to `runs/<id>/` (0: only at the end)", minimum=0.0),
     Knob("save_every", int, 0, "train", "intermediate checkpoints every N steps (0: only at the end)", minimum=0),
     Knob("save_every_minutes", float, 30.0, "train", "also checkpoint whenever this many minutes passed since the "
          "last checkpoint (0: off); a rank that gets SIGTERM checkpoints too", minimum=0.0),

@@ -701,7 +701,7 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
             "eval_dataset": k["eval_dataset"], "eval_every": k["eval_every"],
             "max_steps": k["max_steps"], "epochs": k["epochs"], "block_size": k["block_size"], "lr": k["lr"],
             "warmup_steps": k["warmup_steps"], "seed": k["seed"], "log_every": k["log_every"],
-            "save_every": k["save_every"], "save_every_minutes": k["save_every_minutes"],
+            "plot_every_s": k["plot_every_s"], "save_every": k["save_every"], "save_every_minutes": k["save_every_minutes"],
             "keep_checkpoints": k["keep_checkpoints"], "resume": k["resume"],
             "activation_checkpointing": k["activation_checkpointing"],
         },
@@ -820,7 +820,8 @@ def host_paths(home, venv, run_id):
         "home": home, "venv": venv, "bin": venv + "/bin", "python": venv + "/bin/python",
         "deepspeed": venv + "/bin/deepspeed", "code": home + "/code", "node": home + "/code/dsfleet_node.py",
         "train": home + "/code/train/train.py", "run_dir": run_dir, "out": run_dir + "/out",
-        "log": run_dir + "/node.log", "metrics": run_dir + "/out/metrics.jsonl",
+        "log": run_dir + "/node.log", "metrics": run_dir + "/out/metrics.jsonl", "plot": run_dir + "/out/plot.png",
+        "tensorboard": run_dir + "/out/tensorboard",
         "hostfile": run_dir + "/hostfile", "ds_config": run_dir + "/ds_config.json",
         "replicas": run_dir + "/replicas.json", "token_cache": home + "/cache/tokens",
     }
@@ -837,7 +838,7 @@ def train_args(plan, paths):
             "--messages_field", t["messages_field"], "--token_cache", paths["token_cache"],
             "--max_steps", str(t["max_steps"]), "--block_size", str(t["block_size"]), "--lr", repr(t["lr"]),
             "--warmup_steps", str(t["warmup_steps"]), "--seed", str(t["seed"]), "--log_every", str(t["log_every"]),
-            "--save_every", str(t["save_every"]), "--save_every_minutes", repr(t["save_every_minutes"]),
+            "--plot_every_s", repr(t["plot_every_s"]), "--save_every", str(t["save_every"]), "--save_every_minutes", repr(t["save_every_minutes"]),
             "--keep_checkpoints", str(t["keep_checkpoints"])]
     if t["epochs"]:
         args += ["--epochs", str(t["epochs"])]

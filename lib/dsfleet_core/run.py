@@ -301,7 +301,9 @@ def summary_table(summary):
                                           if _finite(summary.get("mfu")) else "")
                 if _finite(summary.get("tokens_per_s_per_device")) and summary["world_size"] > 1 else "")),
             ("checkpoint", "%s:%s" % (summary["checkpoint_host"], summary["checkpoint_dir"])),
-            ("export", "%s:%s" % (summary["checkpoint_host"], summary["export_dir"]))]
+            ("export", "%s:%s" % (summary["checkpoint_host"], summary["export_dir"]))] + ([
+            ("records", "%s/{metrics.jsonl,plot.png}; tensorboard --logdir %s/tensorboard" % (
+                summary["run_dir"], summary["run_dir"]))] if summary.get("run_dir") else [])
     width = max(len(r[0]) for r in rows)
     return ["%s  %s" % (a.ljust(width), b) for a, b in rows]
 

@@ -202,11 +202,21 @@ def test_detached_run_is_followed_to_the_end(cluster, tmp_path):
 
 
 def test_status_then_stop_leaves_nothing_and_resume_continues(cluster, tmp_path):
-    result, run_id, took = launch(cluster, tmp_path, follow=False, max_steps=100000, save_every_minutes=0)
+    result, run_id, took = launch(cluster, tmp_path, follow=False, max_steps=100000, save_every_minutes=0,
+                                  plot_every_s=0.5)
     assert result.rc == 0, result.stdout[-3000:]
     wait_for_step(cluster, run_id, 5)
+    out = home(cluster, "h1") / ".dsfleet" / "runs" / run_id / "out"
+    deadline = time.time() + 60
+    while not (out / "plot.png").is_file() and time.time() < deadline:
+        time.sleep(0.5)
     status = operate(cluster, tmp_path, "playbooks/status.yml", run_id)
     assert status.rc == 0, status.stdout[-3000:]
+    # status brought the master's records of the running run to the controller: metrics, plot, TensorBoard events
+    steps = [json.loads(line) for line in (RUNS / run_id / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0]["event"] == "start" and any(e["event"] == "step" and e["step"] >= 5 for e in steps)
+    assert (RUNS / run_id / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list((RUNS / run_id / "tensorboard").glob("events.out.tfevents.*"))) == 1
     for host in cluster.names:
         assert re.search(r"%s\s+running\s+1/1" % host, status.stdout), status.stdout[-3000:]
     assert "run %s: running — step " % run_id in status.stdout
@@ -316,6 +326,9 @@ def test_a_dataset_only_the_controller_has_trains_on_every_host(cluster, tmp_pat
     assert "dataset %s: on the controller only; copied to every host" % data in result.stdout
     summary = json.loads((RUNS / run_id / "summary.json").read_text())
     assert math.isfinite(summary["eval_loss"]) and summary["perplexity"] > 1, summary
+    assert (RUNS / run_id / "plot.png").stat().st_size > 20000                     # the master's records
+    assert [p.name.startswith("events.out.tfevents.") for p in (RUNS / run_id / "tensorboard").iterdir()] == [True]
+    assert "records      %s/{metrics.jsonl,plot.png}" % (RUNS / run_id) in result.stdout
     # each host tokenized the copy once into its own token cache
     caches = {h: [p for p in (home(cluster, h) / ".dsfleet" / "cache" / "tokens").iterdir() if p.is_dir() and
                   json.loads((p / "meta.json").read_text())["source"].endswith("/mine.jsonl")]

@@ -283,8 +283,9 @@ def test_deepspeed_run_trains_checkpoints_exports_and_resumes(tmp_path):
     assert start["params"] > 100_000 and start["start_step"] == 0
     assert [e["step"] for e in steps] == [1, 5, 10, 15, 20]
     for e in steps:
-        assert e["event"] == "step" and set(e) == {"event", "step", "loss", "lr", "tokens_per_s", "elapsed_s", "time"}
-        assert e["tokens_per_s"] > 0 and e["lr"] > 0
+        assert e["event"] == "step" and set(e) == {"event", "step", "loss", "lr", "tokens_per_s", "elapsed_s",
+                                                   "grad_norm", "time"}
+        assert e["tokens_per_s"] > 0 and e["lr"] > 0 and e["grad_norm"] > 0   # ZeRO-2 computes the norm
     assert end["steps"] == 20 and end["first_loss"] == steps[0]["loss"] and end["final_loss"] == steps[-1]["loss"]
     assert end["final_loss"] < end["first_loss"]
     assert end["checkpoint_dir"] == str(out / "checkpoint") and end["export_dir"] == str(out / "export")
@@ -324,6 +325,30 @@ def _instruction_rows(path, n=240):
                     + "\n")
 
 
+def _check_records(out, steps, evals):
+    """The run's TensorBoard events, read back with tensorboard's own event reader, hold every logged step's loss,
+    lr, tokens/s and grad norm and every eval; plot.png is a real drawing (the size matplotlib gives it, many
+    colours), not an empty file."""
+    got = run_py(f"""
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        from PIL import Image
+        ea = EventAccumulator({str(out / 'tensorboard')!r})
+        ea.Reload()
+        scalars = {{tag: [[e.step, e.value] for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}}
+        img = Image.open({str(out / 'plot.png')!r})
+        out({{"scalars": scalars, "size": list(img.size), "format": img.format,
+              "colours": len(img.convert("RGB").getcolors(1 << 20) or [])}})
+    """)
+    sc = got["scalars"]
+    assert set(sc) == {"train/loss", "train/lr", "train/tokens_per_s", "train/grad_norm", "eval/loss", "eval/perplexity"}
+    assert [s for s, _ in sc["train/loss"]] == steps and [s for s, _ in sc["eval/loss"]] == evals
+    metrics = _events(out)
+    assert [v for _, v in sc["train/loss"]] == pytest.approx([e["loss"] for e in metrics if e["event"] == "step"])
+    assert [v for _, v in sc["eval/loss"]] == pytest.approx([e["eval_loss"] for e in metrics if e["event"] == "eval"])
+    assert all(v > 0 for _, v in sc["train/grad_norm"] + sc["train/tokens_per_s"] + sc["train/lr"])
+    assert got["format"] == "PNG" and got["size"] == [800, 900] and got["colours"] > 50
+
+
 def test_instruction_data_evals_and_a_second_run_reuses_the_token_cache(tmp_path):
     """prompt/response rows (loss on the response only: tests/unit/test_tokens.py checks the labels), a held-out
     tenth evaluated every 5 steps and at the end, the corpus tokenized once into the host's token cache and mapped
@@ -349,6 +374,7 @@ def test_instruction_data_evals_and_a_second_run_reuses_the_token_cache(tmp_path
     assert evals[1]["eval_loss"] < evals[0]["eval_loss"] and (end["eval_loss"], end["perplexity"]) == (
         evals[1]["eval_loss"], evals[1]["perplexity"])
     assert "eval at step 10 | loss " in proc.stdout
+    _check_records(tmp_path / "one", steps=[1, 5, 10], evals=[5, 10])
     folders = [p for p in cache.iterdir() if p.is_dir()]
     assert len(folders) == 1 and (folders[0] / "labels.bin").is_file()    # one build for both ranks
 

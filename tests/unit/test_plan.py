@@ -324,6 +324,7 @@ def test_summary_from_metrics():
     assert (s["world_size"], s["steps"], s["first_loss"], s["final_loss"]) == (2, 10, 3.0, 1.5)
     assert [h["name"] for h in s["hosts"]] == ["a", "b"] and s["checkpoint_dir"] == "/o/checkpoint"
     assert any("3.0000 -> 1.5000" in line for line in R.summary_table(s))
+    assert "records      /runs/r/{metrics.jsonl,plot.png}; tensorboard --logdir /runs/r/tensorboard" in R.summary_table(s)
     with pytest.raises(PlanError):
         R.summary(plan, metrics[:2])
 

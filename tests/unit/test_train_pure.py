@@ -237,3 +237,31 @@ def test_markers_record_the_layout_and_decide_what_a_rank_can_load(tmp_path):
     assert K.rank_of_file("mp_rank_00_model_states.pt") is None
     # the universal conversion of a pruned step goes with it
     assert K.prune(ckpt, 1) == ["global_step10", "global_step20", "global_step20_universal"]
+
+
+# --- the run's plot (dsfleet_plot.py): what it draws, from metrics.jsonl ---------------------------------------
+
+def test_plot_series_take_each_steps_newest_record_and_skip_what_is_not_a_step():
+    import dsfleet_plot as P
+    lines = [json.dumps(x) for x in (
+        {"event": "start", "world_size": 2},
+        {"event": "step", "step": 1, "loss": 5.0, "lr": 1e-4, "tokens_per_s": 100.0, "grad_norm": 2.0},
+        {"event": "step", "step": 2, "loss": 4.0, "lr": 2e-4, "tokens_per_s": 120.0},
+        {"event": "eval", "step": 2, "eval_loss": 4.5, "perplexity": 90.0},
+        {"event": "start", "world_size": 2, "start_step": 1},          # resumed from step 1: step 2 again
+        {"event": "step", "step": 2, "loss": 3.9, "lr": 2e-4, "tokens_per_s": 130.0},
+        {"event": "step", "step": 3, "loss": "nan?", "lr": 3e-4},       # not a number: not drawn
+        {"event": "end", "steps": 3},
+    )] + ['{"event": "step", "step": 4, "lo']                            # the line being written as it is read
+    s = P.series(lines)
+    assert s["loss"] == [(1, 5.0), (2, 3.9)]
+    assert s["lr"] == [(1, 1e-4), (2, 2e-4), (3, 3e-4)]
+    assert s["tokens_per_s"] == [(1, 100.0), (2, 130.0)]
+    assert s["grad_norm"] == [(1, 2.0)] and s["eval_loss"] == [(2, 4.5)]
+
+
+def test_plot_cli_names_a_missing_metrics_file(tmp_path, capsys):
+    import dsfleet_plot as P
+    assert P.main([str(tmp_path / "none.jsonl"), str(tmp_path / "p.png")]) == 2
+    assert "is not a file. Pass a run's metrics.jsonl" in capsys.readouterr().err
+    assert P.main([]) == 2 and not (tmp_path / "p.png").exists()
