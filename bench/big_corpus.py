@@ -104,8 +104,10 @@ def main():
         config = work / "ds_config.json"
         config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
                                       "zero_optimization": {"stage": 0}, "steps_per_print": 1000}))
-        env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   TOKENIZERS_PARALLELISM="false", MASTER_PORT=str(29700 + os.getpid() % 200))
+        # as a user's run has it: the tokenizer's own threads on (TOKENIZERS_PARALLELISM unset), every core
+        env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+        env.update(OMP_NUM_THREADS=str(os.cpu_count() or 1), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   MASTER_PORT=str(29700 + os.getpid() % 200))
         out = work / "out"
         rc, peak, seconds, kills, output = in_cgroup(
             "dsfleet-bench-%d-new" % os.getpid(), args.cap_mib,

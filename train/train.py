@@ -478,7 +478,9 @@ class Metrics:
                 print(f"dsfleet-train: plot.png not drawn: {done.stderr.strip()[-500:]}", file=sys.stderr, flush=True)
         elif self.plot_every_s and not busy and time.time() - self.plot_at >= self.plot_every_s:
             self.plot_at = time.time()
-            self.plot_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            # lowest CPU priority: on CPU ranks the drawing takes only what the ranks leave idle
+            self.plot_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                              preexec_fn=lambda: os.nice(19))
 
     def progress(self, **fields):
         """out/progress.json: the newest progress in one small file, for the host's supervisor to report."""
@@ -646,11 +648,11 @@ def training_function(args):
         value = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
         return value, math.exp(min(value, 700.0)), int(total[1].item())
 
-    def mean_over_ranks(value):
+    def reduce_sum(*values):
         # on the engine's device: NCCL/RCCL/XCCL reduce only device tensors (gloo takes CPU ones)
-        t = torch.tensor([value], dtype=torch.float64, device=engine.device)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=engine.device)
         dist.all_reduce(t)
-        return t.item() / world_size
+        return t.tolist()
 
     metrics = Metrics(out / "metrics.jsonl", enabled=rank == 0, tensorboard=not args.no_tensorboard,
                       plot_every_s=args.plot_every_s)
@@ -693,8 +695,15 @@ def training_function(args):
                 loss_sum += loss.item()
             step += 1
             heartbeat.touch()  # the host's supervisor stops the run when no rank steps for stall_timeout
-            if step == start_step + 1 or step == total_steps or (args.log_every and step % args.log_every == 0):
-                loss = mean_over_ranks(loss_sum / s["grad_accum"])
+            logged = step == start_step + 1 or step == total_steps or (args.log_every and step % args.log_every == 0)
+            due = step < total_steps and bool((args.save_every and step % args.save_every == 0) or (
+                args.save_every_minutes and time.time() - last_save >= args.save_every_minutes * 60))
+            # one all-reduce a step: the loss to log (summed over ranks), a SIGTERM on any rank, a checkpoint due
+            # on any rank (the minutes are each rank's own clock)
+            loss, stop, due = reduce_sum(loss_sum / s["grad_accum"] if logged else 0.0, bool(stop_requested), due)
+            stop, due = stop > 0 and step < total_steps, due > 0
+            if logged:
+                loss /= world_size
                 now = time.time()
                 tps = tokens_per_step * (step - step_last) / max(now - t_last, 1e-9)
                 t_last, step_last = now, step
@@ -713,10 +722,7 @@ def training_function(args):
             if evaluation is not None and args.eval_every and step % args.eval_every == 0 and step < total_steps:
                 run_eval(step)
             if step < total_steps:
-                due = (args.save_every and step % args.save_every == 0) or (
-                    args.save_every_minutes and time.time() - last_save >= args.save_every_minutes * 60)
-                stop = agree(bool(stop_requested), dist.ReduceOp.MAX) > 0
-                if stop or agree(bool(due), dist.ReduceOp.MAX) > 0:
+                if stop or due:
                     tag = save(step, final=stop)
                     last_save = time.time()
                 if stop:

@@ -157,12 +157,23 @@ def test_rank_killed_on_a_worker_stops_every_host(cluster, tmp_path):
 def test_pdsh_from_a_master_that_is_not_the_first_host(cluster, tmp_path):
     """setup.yml's mesh and the plan's master agree: with the first host left out, the next one launches
     DeepSpeed's pdsh runner, reaching the others (and itself) by key with pinned host keys."""
-    result, run_id, took = launch(cluster, tmp_path, launcher="pdsh", exclude="h1", max_steps=5)
+    result, run_id, took = launch(cluster, tmp_path, launcher="pdsh", exclude="h1", max_steps=12)
     assert result.rc == 0, result.stdout[-5000:]
     summary = json.loads((RUNS / run_id / "summary.json").read_text())
     assert [h["name"] for h in summary["hosts"]] == ["h2", "h3"]
-    assert (summary["launcher"], summary["checkpoint_host"], summary["steps"]) == ("pdsh", "h2", 5)
+    assert (summary["launcher"], summary["checkpoint_host"], summary["steps"]) == ("pdsh", "h2", 12)
+    assert summary["export_dir"] == "/root/.dsfleet/runs/%s/out/export" % run_id
+    assert summary["final_loss"] < summary["first_loss"], summary
+    hostfile = [line for line in (RUNS / run_id / "hostfile").read_text().splitlines() if not line.startswith("#")]
+    assert hostfile == ["%s slots=1" % cluster.address(h) for h in ("h2", "h3")]
     assert {h: training_pids(cluster, h) for h in cluster.names} == {h: [] for h in cluster.names}
+    # the export DeepSpeed's pdsh-started rank 0 wrote on h2 loads with transformers there
+    python = home(cluster, "h2") / ".dsfleet" / "venv" / "bin" / "python"
+    loads = subprocess.run([str(python), "-c", "import sys; from transformers import AutoModelForCausalLM as M; "
+                            "print(M.from_pretrained(sys.argv[1]).num_parameters())",
+                            str(home(cluster, "h2") / ".dsfleet" / "runs" / run_id / "out" / "export")],
+                           capture_output=True, text=True, timeout=300)
+    assert loads.returncode == 0 and int(loads.stdout.split()[-1]) > 0, loads.stderr[-2000:]
     # every host reaches every host by key, host keys pinned: whichever host the plan picks can launch
     for src in cluster.names:
         for dst in cluster.names:

@@ -24,11 +24,13 @@ def _leftovers(prefix):
     return [line for line in (netns + links).splitlines() if prefix in line]
 
 
+# tests/molecule/pdsh (the default scenario with launcher=pdsh, on its own fresh rig: ~5 min) is not run here:
+# tests/cluster/test_failures.py launches with pdsh on the shared rig; run it by hand with
+# `cd tests && molecule -c .config/molecule/config.yml test -s pdsh`.
 @pytest.mark.parametrize("scenario,prefix", [
     ("rigcheck", "dsfrc"),
     ("gpu_plan", "dsfgp"),
     ("default", "dsfdf"),
-    ("pdsh", "dsfpd"),
 ])
 def test_scenario(scenario, prefix, tmp_path):
     env = dict(os.environ)
