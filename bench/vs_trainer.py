@@ -53,7 +53,7 @@ LLAMA_26M = {"model_type": "llama", "hidden_size": 512, "num_hidden_layers": 8, 
 WORDS = ("the river runs past old stone walls and green fields while birds call over quiet water in the "
          "morning light a farmer walks slowly to the market with bread cheese apples and a small dog that "
          "barks at every cart rolling by on the long dusty road toward the town square").split()
-BLOCK, LR, SEED = 128, 3e-4, 1234
+BLOCK, LR, SEED, WARMUP_STEPS = 128, 3e-4, 1234, 0
 
 BUILD = r"""
 import json, shutil, sys, torch, transformers as T
@@ -89,10 +89,15 @@ mine = T.shard(range(data.n), rank, world)
 MINIMAL = COMMON + r"""
 import deepspeed, torch
 ds_config, s = T.read_ds_config(A["ds_config"])
-ds_config = T.fill_auto(ds_config, world_size=world, lr=A["lr"], warmup_steps=0, total_steps=A["steps"])
+ds_config = T.fill_auto(ds_config, world_size=world, lr=A["lr"], warmup_steps=A["warmup_steps"],
+                        total_steps=A["steps"])
 deepspeed.init_distributed()
 model, _ = T.build_model(kind, where, config, A["seed"], s["precision"], ds_config)
-engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
+# the module's own schedule (linear warmup, linear decay to 10%): without a scheduler section the module builds
+# this LambdaLR, so the minimal loop does too -- the only piece of the module's loop it keeps
+schedule = None if s["has_scheduler"] else (lambda opt: torch.optim.lr_scheduler.LambdaLR(
+    opt, T.lr_lambda(A["warmup_steps"], A["steps"])))
+engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, lr_scheduler=schedule,
                                        model_parameters=T.param_groups(model, s["weight_decay"]))
 mb, per_epoch = s["micro_batch"], len(mine) // s["micro_batch"]
 orders, stamps, losses = {}, [], []
@@ -192,6 +197,18 @@ def launch(name, argv, env, work, timeout=1800):
     return time.time() - start
 
 
+def merge(base, extra):
+    """base with extra merged in, dict by dict (None removes a key)."""
+    for key, value in extra.items():
+        if value is None:
+            base.pop(key, None)
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
 def rate(stamps, tokens_per_step, warmup):
     span = stamps[-1] - stamps[warmup - 1]
     return (len(stamps) - warmup) * tokens_per_step / span
@@ -205,6 +222,9 @@ def main():
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--arms", default="dsfleet,hf,minimal")
     parser.add_argument("--corpus-mib", type=int, default=4)
+    parser.add_argument("--override", default="{}", help="JSON merged into the plan's ds_config (dsfleet and "
+                        "minimal arms), to measure one setting against the plan's choice")
+    parser.add_argument("--knobs", default="{}", help="JSON of launch.yml knobs for the plan (e.g. micro_batch)")
     args = parser.parse_args()
     arms = args.arms.split(",")
     work = pathlib.Path(tempfile.mkdtemp(prefix="dsfleet-vs-trainer-"))
@@ -216,10 +236,11 @@ def main():
         corpus = work / "corpus.txt"
         write_corpus(corpus, args.corpus_mib)
         plan = P.make_plan([record()], {"run_id": "bench", "cpu_ranks": args.ranks, "precision": "bf16",
-                                        "max_steps": args.steps}, None, dict(LLAMA_26M))
+                                        "max_steps": args.steps, **json.loads(args.knobs)}, None, dict(LLAMA_26M))
+        config = merge(json.loads(json.dumps(plan["ds_config"])), json.loads(args.override))
         ds_config = work / "ds_config.json"
-        ds_config.write_text(json.dumps(plan["ds_config"]))
-        micro = plan["ds_config"]["train_micro_batch_size_per_gpu"]
+        ds_config.write_text(json.dumps(config))
+        micro = config["train_micro_batch_size_per_gpu"]
         threads = max(1, (os.cpu_count() or 1) // args.ranks)
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DSFLEET_TRAIN_DIR=str(ROOT / "train"),
@@ -234,6 +255,7 @@ def main():
                                                 "--output_dir", str(out), "--model", str(model), "--dataset",
                                                 str(corpus), "--block_size", str(BLOCK), "--max_steps",
                                                 str(args.steps), "--lr", repr(LR), "--seed", str(SEED),
+                                                "--warmup_steps", str(WARMUP_STEPS),
                                                 "--save_every_minutes", "0", "--token_cache", str(cache)], env, work)
                     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
                     steps = [e for e in events if e["event"] == "step"]
@@ -247,7 +269,7 @@ def main():
                     benv = dict(env, BENCH_ARGS=json.dumps({
                         "model": str(model), "dataset": str(corpus), "block": BLOCK, "cache": str(cache),
                         "ds_config": str(ds_config), "reference": str(REFERENCE), "steps": args.steps, "lr": LR,
-                        "seed": SEED, "micro": 4, "out": str(out)}))
+                        "seed": SEED, "micro": 4, "out": str(out), "warmup_steps": WARMUP_STEPS}))
                     seconds = launch(out.name, [str(script)], benv, work)
                     ranks = [json.loads(pathlib.Path("%s.rank%d.json" % (out, i)).read_text())
                              for i in range(args.ranks)]
@@ -263,7 +285,8 @@ def main():
     median = {a: statistics.median(x["tokens_per_s"] for x in results[a]) for a in arms}
     summary = {"params": params, "ranks": args.ranks, "threads_per_rank": threads, "steps": args.steps,
                "warmup": args.warmup, "rounds": args.rounds, "block": BLOCK, "dsfleet_micro_batch": micro,
-               "hf_micro_batch": 4, "dsfleet_ds_config": plan["ds_config"],
+               "hf_micro_batch": 4, "dsfleet_ds_config": config, "override": json.loads(args.override),
+               "knobs": json.loads(args.knobs),
                "median_tokens_per_s": {a: round(v) for a, v in median.items()},
                "runs": {a: [{k: v for k, v in x.items() if k != "losses"} for x in results[a]] for a in arms},
                "machine": "%d cores" % os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}

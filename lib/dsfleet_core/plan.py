@@ -310,7 +310,7 @@ def _sizing(k, given, config, plan_hosts, records, precision, accelerator):
               "activation_checkpointing": chosen["activation_checkpointing"]}
     out = {"known": True, "family": shape["family"], "params": shape["params"], "params_active": shape["params_active"],
            "largest_layer": shape["largest_layer"], "hidden": shape["hidden"],
-           "buckets": SZ.buckets(shape, choice["zero_stage"]), "zero_stage": choice["zero_stage"], "offload": choice["offload"],
+           "buckets": SZ.buckets(shape, choice["zero_stage"], kind), "zero_stage": choice["zero_stage"], "offload": choice["offload"],
            "micro_batch": choice["micro_batch"], "grad_accum": choice["grad_accum"],
            "activation_checkpointing": choice["activation_checkpointing"], "block_size": k["block_size"],
            "precision": precision, "zero_init": choice["zero_stage"] == 3, "load_bytes": load_bytes,

@@ -200,3 +200,17 @@ def test_a_model_the_sizing_does_not_know_is_planned_and_says_so():
                                                    "%s)" % ", ".join(SH.FAMILIES)}
     assert "memory: not sized: cannot size model_type 't5'" in "\n".join(R.plan_table(p))
     assert P.make_plan([host("srv", 11, [A100(0)])], {"run_id": "r"})["sizing"] is None
+
+
+def test_cpu_ranks_reduce_the_whole_small_model_in_one_bucket_and_gpus_keep_hidden_squared():
+    """gloo's fixed cost per collective dominates small buckets on CPU ranks (bench/vs_trainer.py): there a ZeRO-1/2
+    bucket holds the whole model up to CPU_BUCKET_MAX elements, and the buffers the plan counts grow with it."""
+    small = {"hidden": 512, "params": 26_354_176, "largest_layer": 524_288}
+    big = {"hidden": 4096, "params": 6_738_415_616, "largest_layer": 131_072_000}
+    assert SZ.buckets(small, 2, "cpu") == {"reduce_bucket_size": 26_354_176, "allgather_bucket_size": 26_354_176}
+    assert SZ.buckets(small, 2, "gpu") == {"reduce_bucket_size": 512 * 512, "allgather_bucket_size": 512 * 512}
+    assert SZ.buckets(big, 1, "cpu")["reduce_bucket_size"] == SZ.CPU_BUCKET_MAX == 1 << 25
+    odd = dict(small, params=26_354_177)
+    assert SZ.buckets(odd, 2, "cpu")["allgather_bucket_size"] % 2 == 0   # ZeRO-1/2 assert an even bucket
+    assert SZ.buckets(small, 3, "cpu") == SZ.buckets(small, 3, "gpu")     # ZeRO-3's prefetch stays hidden-scaled
+    assert SZ.buffers(small, 2, "bf16", "cpu") == 26_354_176 * 2 > SZ.buffers(small, 2, "bf16", "gpu")
