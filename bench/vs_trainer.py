@@ -33,7 +33,6 @@ import pathlib
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,9 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 from dsfleet_core import plan as P  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from load_memory import BUILD, free_port, meminfo_mib  # noqa: E402  (BUILD: a random-weight model dir)
 
 PYTHON = os.environ.get("DSFLEET_TRAIN_PYTHON", str(pathlib.Path.home() / ".dsfleet" / "venv" / "bin" / "python"))
 REFERENCE = ROOT.parent / "shared" / "reference" / "ds_config_zero2_offload.json"
@@ -55,19 +57,6 @@ WORDS = ("the river runs past old stone walls and green fields while birds call 
          "barks at every cart rolling by on the long dusty road toward the town square").split()
 BLOCK, LR, SEED, WARMUP_STEPS = 128, 3e-4, 1234, 0
 
-BUILD = r"""
-import json, shutil, sys, torch, transformers as T
-cfg = T.AutoConfig.for_model(**json.loads(sys.argv[2]))
-torch.manual_seed(0)
-model = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-model.save_pretrained(sys.argv[1])
-for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-    try:
-        shutil.copy(sys.argv[3] + "/" + name, sys.argv[1])
-    except FileNotFoundError:
-        pass
-print(json.dumps({"params": model.num_parameters()}))
-"""
 
 # The pieces every arm shares, from the training module itself: model build (seeded), the token cache's blocks,
 # the rank's shard and the batch order. Run under DeepSpeed's launcher: RANK, WORLD_SIZE, LOCAL_RANK are set.
@@ -138,17 +127,6 @@ trainer = TR.Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[
 trainer.train()
 json.dump({"stamps": stamps, "tokens_per_step": A["micro"] * world * A["block"]}, open(A["out"] + ".rank%d.json" % rank, "w"))
 """
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def meminfo_mib():
-    with open("/proc/meminfo") as f:
-        return int(next(line.split()[1] for line in f if line.startswith("MemTotal"))) // 1024
 
 
 def record(bf16=True):
