@@ -122,7 +122,7 @@ model = TR.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
 args = TR.TrainingArguments(output_dir=A["out"] + ".hf", per_device_train_batch_size=A["micro"], max_steps=A["steps"],
                             learning_rate=A["lr"], bf16=True, deepspeed=A["reference"], logging_steps=10**9,
                             save_strategy="no", report_to=[], dataloader_num_workers=0, seed=A["seed"],
-                            use_cpu=True if not torch.cuda.is_available() else False, disable_tqdm=True)
+                            use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
 trainer = TR.Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[Stamp()])
 trainer.train()
 json.dump({"stamps": stamps, "tokens_per_step": A["micro"] * world * A["block"]}, open(A["out"] + ".rank%d.json" % rank, "w"))

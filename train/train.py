@@ -443,7 +443,8 @@ class Metrics:
                 print(f"dsfleet-train: no TensorBoard events ({e}); run setup.yml to install the pinned tensorboard",
                       file=sys.stderr, flush=True)
             else:
-                self.tb = SummaryWriter(log_dir=str(self.path.with_name("tensorboard")), flush_secs=30)
+                # flushed at every logged step (scalars()), so status.yml always fetches the newest
+                self.tb = SummaryWriter(log_dir=str(self.path.with_name("tensorboard")))
 
     def write(self, event, **fields):
         if self.file:
