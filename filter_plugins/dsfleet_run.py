@@ -18,6 +18,12 @@ def _adapt(fn):
     return raising(AnsibleFilterError, fn)
 
 
+def controller_env(names):
+    """The controller's own values of the environment variables ``names`` that are set (filters run on the
+    controller): HF_TOKEN and HF_ENDPOINT reach the hub download on the master this way, never through a file."""
+    return {name: os.environ[name] for name in names if os.environ.get(name)}
+
+
 class FilterModule(object):
     """dsfleet run filters."""
 
@@ -33,4 +39,5 @@ class FilterModule(object):
             "dsfleet_common_checkpoint": _adapt(_run.common_checkpoint),
             "dsfleet_resume_source": _adapt(_run.resume_source),
             "dsfleet_export_source": _adapt(_run.export_source),
+            "dsfleet_controller_env": controller_env,
         }

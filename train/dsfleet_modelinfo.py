@@ -1,6 +1,8 @@
 """What the inference planner needs to know about a model, read from its files without torch (stdlib only).
 
-    python dsfleet_modelinfo.py MODEL      # prints one JSON line; MODEL: a directory or a hub id (its local cache)
+    python dsfleet_modelinfo.py MODEL [REVISION]
+        # prints one JSON line; MODEL: a directory or a hub id (its local cache; else its config.json is fetched
+        # from the hub, HF_ENDPOINT / HF_TOKEN honoured, so the plan can size a model no host has yet)
 
 ``model_info(model)`` reads config.json, the safetensors headers (exact parameter count and bytes per dtype; a
 ``pytorch_model*.bin`` is sized by its file size) and the tokenizer config (chat template), and says what is
@@ -34,6 +36,34 @@ def hub_snapshot(model):
             return snap
     snaps = sorted(glob.glob(os.path.join(repo, "snapshots", "*")), key=os.path.getmtime)
     return snaps[-1] if snaps else None
+
+
+def hub_config(model, revision="main", timeout=15):
+    """(config.json of hub id ``model`` fetched from the hub, None) or (None, why not). stdlib only."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    url = "%s/%s/resolve/%s/config.json" % (endpoint, model, urllib.parse.quote(revision, safe=""))
+    token = os.environ.get("HF_TOKEN")
+    if not token:
+        path = os.environ.get("HF_TOKEN_PATH") or os.path.join(
+            os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface"), "token")
+        try:
+            with open(path) as f:
+                token = f.read().strip() or None
+        except OSError:
+            token = None
+    request = urllib.request.Request(url, headers={"Authorization": "Bearer " + token} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read().decode("utf-8")), None
+    except urllib.error.HTTPError as e:
+        why = {401: "gated or private: set HF_TOKEN", 403: "gated: accept its licence and set HF_TOKEN",
+               404: "not found (check the id and the revision)"}.get(e.code, "HTTP %d" % e.code)
+        return None, "%s@%s on %s: %s" % (model, revision, endpoint, why)
+    except (OSError, ValueError) as e:
+        return None, "%s could not be read from %s (%s)" % (model, endpoint, e)
 
 
 def _safetensors_header(path):
@@ -83,14 +113,20 @@ def _chat_template(where):
         return False
 
 
-def model_info(model):
+def model_info(model, revision=None):
     """{"model", "dir", "found", "error", "config": {...}, "raw_config" (config.json itself), "params", "bytes",
-    "dtype", "weights": [files], "tokenizer", "chat_template"}; ``error`` names what is missing and what to do."""
+    "dtype", "weights": [files], "tokenizer", "chat_template"}; ``error`` names what is missing and what to do.
+    With ``revision``, a hub id in no local cache has its config.json fetched from the hub (raw_config only)."""
     info = {"model": model, "dir": None, "found": False, "error": None, "config": None, "params": None,
             "bytes": 0, "dtype": None, "weights": [], "tokenizer": False, "chat_template": False}
     where = os.path.expanduser(model)
     if not os.path.isdir(where):
         snap = hub_snapshot(model)
+        if snap is None and revision and model.count("/") == 1:
+            info["raw_config"], why = hub_config(model, revision)
+            info["error"] = why or "%s@%s: config.json read from the hub; the weights are downloaded at launch" % (
+                model, revision)
+            return info
         if snap is None:
             info["error"] = ("%s is neither a directory nor a hub id in the local Hugging Face cache (no internet at "
                              "run time): pass a model directory, or download it there first" % model)
@@ -142,7 +178,7 @@ def model_info(model):
 
 
 if __name__ == "__main__":
-    print(json.dumps(model_info(sys.argv[1])))
+    print(json.dumps(model_info(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)))
 
 
 def config_of(model, presets_dir):

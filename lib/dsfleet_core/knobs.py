@@ -65,6 +65,8 @@ KNOB_LIST = (
     Knob("model", str, "tiny", "train", "`tiny` (bundled preset: small Llama config, random init, offline "
          "tokenizer), a local model directory, or a hub id (`org/name`); for `infer.yml` also a run id (its "
          "export)"),
+    Knob("model_revision", str, "main", "train", "hub models: the branch, tag or commit to download; the master "
+         "downloads it once (with the controller's `HF_TOKEN`/`HF_ENDPOINT`) and ships it to the other hosts"),
     Knob("dataset", str, "bundled", "train", "`bundled` (train/data/corpus.txt, CC0), a "
          "`.txt`/`.jsonl`/`.json`/`.csv`/`.parquet` file, a `datasets` directory or name"),
     Knob("text_field", str, "text", "train", "field holding the text in jsonl/datasets records"),

@@ -26,6 +26,7 @@ import ipaddress
 import itertools
 import json
 import math
+import re
 
 from . import PlanError
 from . import knobs as K
@@ -718,7 +719,8 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
         "left_out_devices": [e for e in left_out if not e["whole_host"]],
         "speed": speed,
         # inputs that lie on the controller; copied to every host, read there from the staged copy
-        "inputs": {} if local else {n: dict(v) for n, v in (inputs or {}).items() if v},
+        # (a hub model: downloaded once on the master, shipped to the others; on this machine alone too)
+        "inputs": {n: dict(v) for n, v in (inputs or {}).items() if v and (v.get("hub") or not local)},
     }
     plan["ds_config"] = ds_config(plan)
     return add_processes(plan, members)
@@ -894,6 +896,28 @@ UNPACK = ("import base64, io, subprocess, sys, tarfile\n"
           "sys.exit(subprocess.call(sys.argv[2:]))\n")
 
 
+def hub_folder(repo, revision):
+    """The folder name a hub model's download lives in under <home>/inputs/hub (one per repository and revision)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", revision)[:40]
+    return "%s--%s" % (repo.replace("/", "--"), safe if safe == revision else "%s-%s" % (
+        safe, hashlib.sha1(revision.encode()).hexdigest()[:8]))
+
+
+def hub_command(plan):
+    """On the master, for a hub model: download it once into its folder, then send it to every other host that
+    does not hold the same commit (dsfleet_node.py hub; the bundle on stdin carries the node code)."""
+    master = plan["hosts"][0]
+    item = next((i for i in master["inputs"] if i.get("hub")), None)
+    if item is None:
+        return None
+    targets = [{"name": h["name"], "address": h["address"],
+                "dest": next(i["dest"] for i in h["inputs"] if i["name"] == item["name"])} for h in plan["hosts"][1:]]
+    paths = master["paths"]
+    return {"argv": [paths["python"], "-c", UNPACK, paths["home"]]
+            + _node(paths, "hub", "--repo", item["hub"], "--revision", item["revision"], "--dest", item["dest"],
+                    "--targets", json.dumps(targets))}
+
+
 def _node(paths, verb, *args):
     return [paths["python"], paths["node"], verb, "--run-dir", paths["run_dir"]] + list(args)
 
@@ -908,11 +932,17 @@ def add_processes(plan, records):
         # the inputs only the controller has: where each host keeps its copy (unchanged files are not sent again)
         host["inputs"] = []
         for name, src in sorted((plan.get("inputs") or {}).items()):
+            if src.get("hub"):
+                # the same folder on every host: the master downloads into it, the others receive it
+                folder = "%s/inputs/hub/%s" % (record["home"], hub_folder(src["hub"], src["revision"]))
+                host["inputs"].append({"name": name, "src": None, "hub": src["hub"], "revision": src["revision"],
+                                       "dir": True, "folder": folder, "dest": folder})
+                continue
             base = src["path"].rstrip("/").split("/")[-1] or name
             folder = "%s/inputs/%s-%s" % (record["home"], base, hashlib.sha1(src["path"].encode()).hexdigest()[:8])
             dest = folder if src["dir"] else folder + "/" + base
-            host["inputs"].append({"name": name, "src": src["path"], "dir": src["dir"], "folder": folder,
-                                   "dest": dest})
+            host["inputs"].append({"name": name, "src": src["path"], "hub": None, "dir": src["dir"],
+                                   "folder": folder, "dest": dest})
         paths["inputs"] = {i["name"]: i["dest"] for i in host["inputs"]}
         host["paths"] = paths
         host["path"] = record.get("path") or SYSTEM_PATH
@@ -963,6 +993,8 @@ def add_processes(plan, records):
             "ps": {"argv": _node(paths, "ps")},
         }
     master = plan["hosts"][0]
+    for host in plan["hosts"]:
+        host["commands"]["hub"] = hub_command(plan) if host is master else None
     plan["deepspeed_env"] = _process_env(plan, master, master["paths"], common=True)
     plan["replicas"] = replicas(plan)
     return plan

@@ -47,6 +47,15 @@ def plan_table(plan):
                             plan["world_size"], plan["master"]["name"],
                             "; " + resume["note"] if resume["note"] else ""))
     for name, src in sorted((plan.get("inputs") or {}).items()):
+        if src.get("hub"):
+            others = [h["name"] for h in plan["hosts"][1:]]
+            lines.append("%s %s@%s: from the hub, downloaded once on the master %s into %s%s (HF_TOKEN and "
+                         "HF_ENDPOINT from the controller's environment)"
+                         % (name, src["hub"], src["revision"], plan["master"]["name"],
+                            plan["hosts"][0]["paths"]["inputs"][name],
+                            "; shipped to %s over the ssh mesh (a host holding the same commit is skipped)"
+                            % ", ".join(others) if others else ""))
+            continue
         lines.append("%s %s: on the controller only; copied to every host (%s), unchanged files are not sent again"
                      % (name, src["path"], plan["hosts"][0]["paths"]["inputs"][name]))
     sizing = plan.get("sizing")

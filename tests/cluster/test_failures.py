@@ -10,6 +10,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from dsfleet_ckpt import rank_of_file
 from helpers import ROOT, RUNS, run_playbook
 
 sys.path.insert(0, str(ROOT / "tests" / "rig"))
+import fake_hub  # noqa: E402
+
 import rig as rigmod  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]
@@ -357,6 +360,70 @@ def test_a_dataset_only_the_controller_has_trains_on_every_host(cluster, tmp_pat
     # the second run maps the same token cache (another run id, the same data): nothing tokenized again
     log = (RUNS / second_id / "logs" / "h1.log").read_text()
     assert re.search(r"token cache: reusing /\S+/\.dsfleet/cache/tokens/%s " % caches["h1"][0].name, log), log[-3000:]
+
+
+def test_a_hub_model_only_the_master_can_reach_is_downloaded_once_and_shipped(cluster, tmp_path):
+    """-e model=org/name where only the master has the network: a stand-in for the Hub (tests/rig/fake_hub.py) listens
+    on h1's own loopback, which h2 and h3 cannot reach. h1 downloads the model once through huggingface_hub,
+    sends it to h2 and h3 over the ssh mesh, all three train on it; the next run sends nothing and downloads
+    nothing."""
+    repo = WORK / ("hub-%s" % uuid.uuid4().hex[:6])
+    model = repo / "fake-org" / "tiny-llama"
+    preset = ROOT / "train" / "presets" / "tiny"
+    vocab = json.loads((preset / "config.json").read_text())["vocab_size"]
+    build = cluster.run_in("h1", ["/root/.dsfleet/venv/bin/python", "-c", fake_hub.BUILD_TINY_LLAMA, str(model),
+                                  str(preset), str(vocab)], timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    port_file, log = tmp_path / "hub.port", tmp_path / "hub.log"
+    server = subprocess.Popen(["ip", "netns", "exec", cluster.host("h1")["netns"], sys.executable,
+                               str(ROOT / "tests" / "rig" / "fake_hub.py"), "--root", str(repo), "--port-file",
+                               str(port_file)], stderr=open(log, "w"))
+    try:
+        deadline = time.monotonic() + 30
+        while not port_file.exists() and time.monotonic() < deadline and server.poll() is None:
+            time.sleep(0.2)
+        endpoint = "http://127.0.0.1:%s" % port_file.read_text().strip()
+        probe = "import urllib.request; urllib.request.urlopen('%s/api/models/fake-org/tiny-llama', timeout=5)"
+        assert cluster.run_in("h1", ["python3", "-c", probe % endpoint]).returncode == 0
+        assert cluster.run_in("h2", ["python3", "-c", probe % endpoint]).returncode != 0   # no network but h1's
+        env = {"HF_ENDPOINT": endpoint}
+        run_id = "rig-%s" % uuid.uuid4().hex[:6]
+        result = run_playbook("launch.yml", dict(VARS, run_id=run_id, model="fake-org/tiny-llama", max_steps=4,
+                                                 block_size=32), inventory=cluster.inventory,
+                              envvars=dict(env, ANSIBLE_SSH_CONTROL_PATH_DIR=str(tmp_path / "cp")))
+        assert result.rc == 0, result.stdout[-5000:]
+        assert "shipped to h2, h3 over the ssh mesh" in result.stdout
+        assert re.search(r"fake-org/tiny-llama@main is commit [0-9a-f]{40} .*from the hub.*sent to h2, h3",
+                         result.stdout), result.stdout[-4000:]
+        plan = json.loads((RUNS / run_id / "plan.json").read_text())
+        assert plan["sizing"]["known"] and plan["world_size"] == 3, plan["sizing"]
+        names = sorted(str(p.relative_to(model)) for p in model.rglob("*") if p.is_file())
+        for host in cluster.names:
+            folder = home(cluster, host) / ".dsfleet" / "inputs" / "hub" / "fake-org--tiny-llama--main"
+            for name in names:
+                assert (folder / name).read_bytes() == (model / name).read_bytes(), (host, name)
+        gets = [line for line in log.read_text().splitlines() if line.startswith("fake_hub: GET ") and "/resolve/" in line]
+        weights = [g for g in gets if "model.safetensors" in g]
+        assert len(weights) == 1, gets          # downloaded once, by h1: the only host that can reach it
+        summary = json.loads((RUNS / run_id / "summary.json").read_text())
+        assert summary["steps"] == 4 and summary["world_size"] == 3, summary
+        copy = (home(cluster, "h3") / ".dsfleet" / "inputs" / "hub" / "fake-org--tiny-llama--main"
+                / "model.safetensors").stat()
+        before = len(gets)
+        again = run_playbook("launch.yml", dict(VARS, run_id=run_id + "b", model="fake-org/tiny-llama", max_steps=2,
+                                                block_size=32), inventory=cluster.inventory,
+                             envvars=dict(env, ANSIBLE_SSH_CONTROL_PATH_DIR=str(tmp_path / "cp2")))
+        assert again.rc == 0, again.stdout[-4000:]
+        assert "sent to no host; already on h2, h3" in again.stdout, again.stdout[-4000:]
+        gets = [line for line in log.read_text().splitlines() if line.startswith("fake_hub: GET ") and "/resolve/" in line]
+        assert [g for g in gets[before:] if "model.safetensors" in g] == [], gets[before:]
+        after = (home(cluster, "h3") / ".dsfleet" / "inputs" / "hub" / "fake-org--tiny-llama--main"
+                 / "model.safetensors").stat()
+        assert (after.st_ino, after.st_mtime_ns) == (copy.st_ino, copy.st_mtime_ns)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        shutil.rmtree(repo, ignore_errors=True)
 
 
 def test_a_model_only_the_hosts_have_is_sized_from_the_masters_config(cluster, tmp_path):

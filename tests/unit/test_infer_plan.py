@@ -242,3 +242,37 @@ def test_a_model_is_a_run_export_a_controller_directory_or_left_to_the_hosts(tmp
         A.resolve_model("tiny", str(tmp_path / "runs"))
     with pytest.raises(A.InputError, match="holds no run"):
         A.resolve_model("", str(tmp_path / "empty"))
+
+
+def test_a_hub_id_is_told_from_presets_and_paths_and_its_config_is_read_from_the_hub(tmp_path, monkeypatch):
+    """dsfleet_inputs.hub_model: org/name is a hub model unless a directory of that name is here; modelinfo reads
+    a hub model's config.json from HF_ENDPOINT (a stand-in for the hub on loopback) with the token, and says why
+    not for a missing one."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "rig"))
+    import dsfleet_inputs
+    import fake_hub
+    assert dsfleet_inputs.hub_model("Qwen/Qwen2.5-0.5B", "v2") == {"hub": "Qwen/Qwen2.5-0.5B", "revision": "v2"}
+    for not_hub in ("tiny", "/models/llama", "./a/b", "a/b/c", "a/..", "../x", ""):
+        assert dsfleet_inputs.hub_model(not_hub) is None, not_hub
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "local").mkdir(parents=True)
+    assert dsfleet_inputs.hub_model("org/local") is None          # a directory here wins, as in from_pretrained
+    repo = tmp_path / "hub" / "acme" / "m"
+    repo.mkdir(parents=True)
+    (repo / "config.json").write_text(json.dumps(LLAMA2_7B))
+    srv = fake_hub.serve(str(tmp_path / "hub"), "127.0.0.1", 0, log=open("/dev/null", "w"))
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:%d" % srv.server_address[1])
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+        monkeypatch.setenv("HF_TOKEN", "hf_test")
+        info = dsfleet_modelinfo.model_info("acme/m", "main")
+        assert info["raw_config"] == LLAMA2_7B and not info["found"]
+        assert "config.json read from the hub; the weights are downloaded at launch" in info["error"]
+        missing = dsfleet_modelinfo.model_info("acme/nope", "main")
+        assert missing["raw_config"] is None and "acme/nope@main on http://127.0.0.1:" in missing["error"]
+        assert "not found (check the id and the revision)" in missing["error"]
+        # without a revision (infer.yml's reading of the hosts' caches) nothing is fetched
+        assert "neither a directory nor a hub id" in dsfleet_modelinfo.model_info("acme/m")["error"]
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -580,6 +580,35 @@ def test_inputs_only_the_controller_has_are_copied_to_every_host_and_read_there(
     assert argv[argv.index("--dataset") + 1] == "/data/c.jsonl"
 
 
+def test_a_hub_model_is_downloaded_once_on_the_master_and_shipped_to_the_others():
+    hosts = [host("a", 11, [A100(0)]), host("b", 12, [A100(0)]), host("c", 13, [A100(0)])]
+    inputs = {"model": {"hub": "acme/llama-7b", "revision": "v1.0"}, "dataset": None}
+    p = P.make_plan(hosts, {"run_id": "r", "model": "acme/llama-7b", "model_revision": "v1.0"}, None, None, inputs)
+    folder = "/home/u/.dsfleet/inputs/hub/acme--llama-7b--v1.0"
+    for h in p["hosts"]:
+        (item,) = h["inputs"]
+        assert (item["hub"], item["revision"], item["dest"], item["src"]) == ("acme/llama-7b", "v1.0", folder, None)
+        argv = h["process"]["argv"]
+        assert argv[argv.index("--model") + 1] == folder
+    assert [h["commands"]["hub"] is None for h in p["hosts"]] == [False, True, True]
+    argv = p["hosts"][0]["commands"]["hub"]["argv"]
+    verb = argv.index("hub")
+    pairs = {argv[i]: argv[i + 1] for i in range(verb + 1, len(argv) - 1) if argv[i].startswith("--")}
+    assert (pairs["--repo"], pairs["--revision"], pairs["--dest"]) == ("acme/llama-7b", "v1.0", folder)
+    assert json.loads(pairs["--targets"]) == [{"name": "b", "address": "10.1.0.12", "dest": folder},
+                                               {"name": "c", "address": "10.1.0.13", "dest": folder}]
+    table = "\n".join(R.plan_table(p))
+    assert "model acme/llama-7b@v1.0: from the hub, downloaded once on the master a into " + folder in table
+    assert "shipped to b, c over the ssh mesh" in table
+    # this machine alone downloads it too (into its own folder, at the revision asked for); a revision that is not
+    # a plain name still gives a safe folder name
+    alone = P.make_plan([localhost()], {"run_id": "r"}, None, None,
+                        {"model": {"hub": "acme/x", "revision": "refs/pr/3"}})
+    (item,) = alone["hosts"][0]["inputs"]
+    assert item["dest"].split("/")[-1].startswith("acme--x--refs_pr_3-") and "/" not in item["dest"].split("hub/")[1]
+    assert json.loads(alone["hosts"][0]["commands"]["hub"]["argv"][-1]) == []
+
+
 def test_data_format_and_eval_reach_the_training_module():
     argv = make_plan([host("a", 11, [A100(0)])], {"data_format": "instruction", "prompt_field": "q",
                                                   "response_field": "a", "eval_fraction": 0.1, "eval_every": 20,

@@ -25,6 +25,10 @@
                                     JSON: the preflight's result (JSON: {argv, env, cwd}), whether port P is free
                                     (and each of --ports), the checkpoints held here: every check of a host's
                                     staging in one call
+    dsfleet_node.py hub --run-dir D --repo R [--revision V] --dest F --targets JSON
+                                    on the master: download hub model R@V once into F (snapshot_download; this
+                                    host's hub cache when the hub is unreachable), then tar it over the ssh mesh to
+                                    every target ([{name, address, dest}]) that does not hold the same commit
     dsfleet_node.py together --run-dir D --specs JSON
                                     run every argv of SPECS ([argv, ...]) at once, each logging to
                                     D/together-<i>.log; wait for all; JSON {rc, runs: [{rc, tail}]}; exit: the worst
@@ -55,15 +59,19 @@ import sys
 import time
 
 
+def _training_module_on_path():
+    here = os.path.dirname(os.path.abspath(__file__))
+    for folder in (os.path.join(here, "train"), os.path.join(here, "..", "..", "..", "train")):
+        if os.path.isfile(os.path.join(folder, "dsfleet_ckpt.py")) and folder not in sys.path:
+            sys.path.insert(0, folder)
+
+
 class _Ckpt:
     """The checkpoint bookkeeping shared with the training module: shipped beside this file (code/train/), or in
     the repository's train/ when run from the source tree. Imported on first use (start/status never need it)."""
 
     def __getattr__(self, name):
-        here = os.path.dirname(os.path.abspath(__file__))
-        for folder in (os.path.join(here, "train"), os.path.join(here, "..", "..", "..", "train")):
-            if os.path.isfile(os.path.join(folder, "dsfleet_ckpt.py")) and folder not in sys.path:
-                sys.path.insert(0, folder)
+        _training_module_on_path()
         import dsfleet_ckpt
         return getattr(dsfleet_ckpt, name)
 
@@ -711,6 +719,153 @@ def cmd_universal(args):
     return 0
 
 
+HUB_MANIFEST = ".dsfleet-source.json"
+
+
+def _hub_manifest(folder, repo, revision, commit, source):
+    """What a host's copy of a hub model holds: the commit and every file with its size (the HF metadata folder
+    .cache/ travels too, but is not content)."""
+    files = {}
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if os.path.relpath(os.path.join(root, d), folder) != ".cache"]
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            if rel != HUB_MANIFEST:
+                files[rel] = os.path.getsize(os.path.join(root, name))
+    return {"repo": repo, "revision": revision, "commit": commit, "source": source, "files": files}
+
+
+def _same_content(a, b):
+    return bool(a and b) and all(a.get(k) == b.get(k) for k in ("repo", "commit", "files"))
+
+
+def _hub_error(exc, repo, revision, endpoint):
+    """What a user does about a failed download (by the hub client's exception class: no import needed)."""
+    kind = type(exc).__name__
+    token = "" if os.environ.get("HF_TOKEN") else " (HF_TOKEN is not set in the controller's environment)"
+    if kind == "GatedRepoError" or (getattr(getattr(exc, "response", None), "status_code", 0) in (401, 403)):
+        return ("%s is gated or private%s: accept its licence on the hub with your account and run the play with "
+                "HF_TOKEN=<your token> in the controller's environment" % (repo, token))
+    if kind == "RepositoryNotFoundError":
+        return ("%s was not found at %s%s: check the id (org/name), or pass a local directory -e model=/path"
+                % (repo, endpoint, token))
+    if kind == "RevisionNotFoundError":
+        return "%s has no revision %r: pass an existing branch, tag or commit with -e model_revision=..." % (
+            repo, revision)
+    return ("the master could not download %s@%s from %s and its Hugging Face cache has no copy (%s: %s): give "
+            "the master network access to the hub (HF_ENDPOINT for a mirror), or pass a local directory "
+            "-e model=/path" % (repo, revision, endpoint, kind, str(exc).strip().splitlines()[0][:300]
+                                if str(exc).strip() else ""))
+
+
+def _hub_download(repo, revision, dest):
+    """Download (or update) ``repo`` at ``revision`` into ``dest``; falls back to this host's hub cache when the
+    hub cannot be reached. Returns (commit, source)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from pathlib import Path
+
+    import huggingface_hub
+    from huggingface_hub import _local_folder
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    try:
+        huggingface_hub.snapshot_download(repo, revision=revision, local_dir=dest)
+    except Exception as exc:  # noqa: BLE001 - every failure is reported with what to do about it
+        kind = type(exc).__name__
+        if kind in ("GatedRepoError", "RepositoryNotFoundError", "RevisionNotFoundError"):
+            raise RuntimeError(_hub_error(exc, repo, revision, endpoint)) from None
+        _training_module_on_path()
+        from dsfleet_modelinfo import hub_snapshot
+        snap = hub_snapshot(repo) if revision == "main" else None
+        if snap is None:
+            raise RuntimeError(_hub_error(exc, repo, revision, endpoint)) from None
+        _say("hub: %s unreachable (%s); copying %s from this host's cache %s" % (endpoint, kind, repo, snap))
+        partial = dest + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(snap, partial, symlinks=False)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(partial, dest)
+        return os.path.basename(snap), "cache"
+    commits = set()
+    for root, _dirs, names in os.walk(dest):
+        if os.path.relpath(root, dest).split(os.sep)[0] == ".cache":
+            continue
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), dest)
+            meta = _local_folder.read_download_metadata(Path(dest), rel) if rel != HUB_MANIFEST else None
+            if meta is not None:
+                commits.add(meta.commit_hash)
+    return (commits.pop() if len(commits) == 1 else revision), "hub"
+
+
+def _ship_dir(folder, address, dest):
+    """Send ``folder`` to ``dest`` on ``address`` (tar over the ssh mesh): unpacked beside it, swapped in whole."""
+    partial = dest + ".partial"
+    remote = "rm -rf {p} && mkdir -p {p} && tar -xf - -C {p} && rm -rf {d} && mv {p} {d}".format(
+        p=shlex.quote(partial), d=shlex.quote(dest))
+    tar = subprocess.Popen(["tar", "-C", folder, "-cf", "-", "."], stdout=subprocess.PIPE)
+    ssh = subprocess.run(SSH + [address, remote], stdin=tar.stdout, stderr=subprocess.PIPE, text=True)
+    tar.stdout.close()
+    return tar.wait() == 0 and ssh.returncode == 0, ssh.stderr.strip().splitlines()[-3:]
+
+
+def cmd_hub(args):
+    """On the master: download a hub model once, then ship it to every target that lacks that commit."""
+    import threading
+    dest, start = os.path.abspath(args.dest), time.time()
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    try:
+        commit, source = _hub_download(args.repo, args.revision, dest)
+    except RuntimeError as exc:
+        _say("hub: " + str(exc))
+        print(json.dumps({"repo": args.repo, "revision": args.revision, "error": str(exc)}))
+        return 1
+    manifest = _hub_manifest(dest, args.repo, args.revision, commit, source)
+    _write(os.path.join(dest, HUB_MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+    size = sum(manifest["files"].values())
+    downloaded = time.time() - start
+    _say("hub: %s@%s is commit %s on this host (%d files, %.1f MiB, %s, %.1fs)" % (
+        args.repo, args.revision, commit, len(manifest["files"]), size / 2 ** 20, source, downloaded))
+    results = {}
+
+    def one(target):
+        have = subprocess.run(SSH + [target["address"], "cat " + shlex.quote(target["dest"] + "/" + HUB_MANIFEST)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            theirs = json.loads(have.stdout) if have.returncode == 0 else None
+        except ValueError:
+            theirs = None
+        if _same_content(theirs, manifest):
+            results[target["name"]] = {"sent": False, "ok": True}
+            return
+        t0 = time.time()
+        ok, tail = _ship_dir(dest, target["address"], target["dest"])
+        results[target["name"]] = {"sent": True, "ok": ok, "seconds": round(time.time() - t0, 1), "error": tail}
+
+    threads = [threading.Thread(target=one, args=(t,)) for t in json.loads(args.targets)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    failed = {n: r for n, r in results.items() if not r["ok"]}
+    errors = ["sending %s to %s failed: %s" % (args.repo, name, " ".join(r["error"]) or "ssh failed")
+              for name, r in sorted(failed.items())]
+    for error in errors:
+        _say("hub: " + error)
+    sent = sorted(n for n, r in results.items() if r["sent"] and r["ok"])
+    there = sorted(n for n, r in results.items() if not r["sent"])
+    text = "%s@%s is commit %s (%d files, %.1f MiB, from %s in %.1fs); sent to %s%s" % (
+        args.repo, args.revision, commit, len(manifest["files"]), size / 2 ** 20,
+        "the hub" if source == "hub" else "the master's cache", downloaded, ", ".join(sent) or "no host",
+        "; already on " + ", ".join(there) if there else "")
+    print(json.dumps({"repo": args.repo, "revision": args.revision, "commit": commit, "source": source,
+                      "text": text, "error": "; ".join(errors) or None,
+                      "files": len(manifest["files"]), "mib": round(size / 2 ** 20, 1),
+                      "download_seconds": round(downloaded, 1),
+                      "sent_to": sent, "already_there": there,
+                      "failed": sorted(failed), "seconds": round(time.time() - start, 1)}))
+    return 1 if failed else 0
+
+
 def cmd_ps(args):
     print(json.dumps({"pids": marked_pids(os.path.abspath(args.run_dir))}))
     return 0
@@ -885,6 +1040,13 @@ def main(argv=None):
     p.add_argument("--ports", default="", help="more ports to find free, comma-separated")
     p.add_argument("--checkpoints", action="store_true", help="list the checkpoints held here (resume)")
     p.set_defaults(func=cmd_stage)
+    p = sub.add_parser("hub")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--repo", required=True)
+    p.add_argument("--revision", default="main")
+    p.add_argument("--dest", required=True, help="the folder this host keeps the model in")
+    p.add_argument("--targets", default="[]", help="JSON [{name, address, dest}]: the hosts to ship it to")
+    p.set_defaults(func=cmd_hub)
     p = sub.add_parser("together")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--specs", required=True, help="JSON list of argv lists, run at once")
