@@ -14,6 +14,7 @@ if _LIB not in sys.path:
 
 from ansible.errors import AnsibleFilterError  # noqa: E402
 
+from dsfleet_core import drivers as _drivers  # noqa: E402
 from dsfleet_core import infer as _infer  # noqa: E402
 from dsfleet_core import knobs as _knobs  # noqa: E402
 from dsfleet_core import plan as _plan  # noqa: E402
@@ -41,4 +42,5 @@ class FilterModule(object):
             "dsfleet_infer_plan": _adapt(_infer.make_infer_plan),
             "dsfleet_infer_table": _adapt(_infer.table),
             "dsfleet_infer_summary": _adapt(_infer.summary_lines),
+            "dsfleet_driver_plan": _adapt(_drivers.driver_plan),
         }

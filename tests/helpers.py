@@ -21,8 +21,18 @@ class Result:
         self.status = runner.status
         self.stats = runner.stats or {}
         self.stdout = runner.stdout.read()
-        self.failures = [e["event_data"]["res"].get("msg", "") for e in runner.events
+        events = list(runner.events)
+        self.failures = [e["event_data"]["res"].get("msg", "") for e in events
                          if e.get("event") == "runner_on_failed" and not e["event_data"].get("ignore_errors")]
+        # every task result that succeeded: {"host", "task", "res"} (the debug messages, the changed flags)
+        self.ok = [{"host": e["event_data"].get("host"), "task": e["event_data"].get("task"),
+                    "res": e["event_data"].get("res") or {}} for e in events if e.get("event") == "runner_on_ok"]
+
+    def task_result(self, task, host):
+        """The result of the task named ``task`` (without its role prefix) on ``host``."""
+        found = [r["res"] for r in self.ok if r["host"] == host and r["task"] == task]
+        assert found, "no result of %r on %s" % (task, host)
+        return found[-1]
 
     @property
     def changed(self):

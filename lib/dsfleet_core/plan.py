@@ -522,9 +522,36 @@ def take_part(hosts, k, fail):
                      "(run setup.yml), or leave it out with -e exclude=%s (or -e require_all_hosts=false)"
                      % (host["name"], host.get("address") or host["name"], host["name"]))
             excluded.append({"name": host["name"], "reason": "unreachable (no facts gathered)"})
+        elif undriven_text(host) and not (host["gpu"].get("gpus") or []):
+            # GPUs on the PCI bus that no driver answers for: never a silent CPU host
+            if k["require_all_hosts"]:
+                fail("host %s: %s; install the driver (ansible-playbook setup.yml with drivers_install: true for "
+                     "that host), or leave it out with -e exclude=%s (or -e require_all_hosts=false)"
+                     % (host["name"], undriven_text(host), host["name"]))
+            excluded.append({"name": host["name"], "reason": undriven_text(host) + " (setup.yml with "
+                             "drivers_install: true installs it)"})
         else:
             candidates.append(host)
     return excluded, candidates
+
+
+VENDOR_NAMES = {"nvidia": "NVIDIA", "amd": "AMD", "intel": "Intel"}
+
+
+def undriven_text(host):
+    """'2 NVIDIA GPUs present (lspci: A100 x2), no driver: nvidia-smi not found' for each vendor whose GPUs are on
+    the host's PCI bus while its tools list none (gpu_facts' ``undriven``), joined; '' when there is none."""
+    parts = []
+    for item in (host.get("gpu") or {}).get("undriven") or []:
+        names = {}
+        for name in item.get("names") or []:
+            names[name] = names.get(name, 0) + 1
+        parts.append("%d %s GPU%s present (lspci: %s), no driver: %s" % (
+            int(item.get("count") or 0), VENDOR_NAMES.get(item.get("vendor"), item.get("vendor")),
+            "" if int(item.get("count") or 0) == 1 else "s",
+            ", ".join(n if c == 1 else "%s x%d" % (n, c) for n, c in names.items()) or "unnamed",
+            item.get("reason") or "no tool answered"))
+    return "; ".join(parts)
 
 
 def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
@@ -654,6 +681,8 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
 
     ifnames = sorted(set(h["ifname"] for h in plan_hosts))
     warnings = [SZ.ZERO3_ON_CPU_WARNING] if accelerator == "cpu" and k["zero_stage"] == 3 else []
+    warnings += ["%s: %s; those GPUs are not used (setup.yml with drivers_install: true installs the driver)"
+                 % (h["name"], undriven_text(h)) for h in candidates if undriven_text(h)]
     if len(ifnames) > 1:
         warnings.append("hosts use different interfaces (%s); the pdsh launcher's shared .deepspeed_env lists them "
                         "all, the ansible launcher sets each host's own" % ", ".join(ifnames))

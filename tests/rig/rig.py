@@ -51,6 +51,8 @@ SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 PRIVATE_MOUNTS = {
     "etc-ssh": "/etc/ssh",
     "etc-hosts": "/etc/hosts",
+    # a copy of the controller's; a test rewrites it in place (same inode) to make a host another distribution
+    "etc-os-release": "/etc/os-release",
     "root": "/root",
     "usr-local-bin": "/usr/local/bin",
     "opt-dsfleet": "/opt/dsfleet",
@@ -370,6 +372,7 @@ def _prepare_host_dir(hdir: str, name: str, address: str, ctl_pub: str, all_host
     lines = ["127.0.0.1\tlocalhost", f"127.0.1.1\t{name}-loopback", f"{ctl_address}\tcontroller"]
     lines += [f"{a}\t{n}" for n, a in all_hosts]
     write_file(os.path.join(hdir, "etc-hosts"), "\n".join(lines) + "\n")
+    shutil.copyfile("/etc/os-release", os.path.join(hdir, "etc-os-release"))
     # /root: fresh home with the controller's key
     home = os.path.join(hdir, "root")
     if os.path.isdir("/etc/skel"):

@@ -5,7 +5,7 @@ tests/fixtures/gpu (provenance in tests/fixtures/gpu/SOURCES.md); the module as
 a whole is run as a subprocess (and once through `ansible`) with fake tools on
 PATH that replay those outputs (tests/fixtures/gpu/fakes.py).
 
-Run: /tmp/scratch/cv/bin/python -m pytest tests/unit/test_gpu_facts.py
+Run: .venv/bin/python -m pytest -q tests/unit/test_gpu_facts.py
 """
 
 import importlib.util
@@ -152,6 +152,16 @@ ROCM_SMI_CASES = [
      None, "6.16.13"),
     ("amd/rocm_smi_rx6800_raphael.json", ["Navi 21 [Radeon RX 6800/6800 XT / 6900 XT]", "Raphael"], [16368, 64],
      ["gfx1030", "gfx1036"], [False, False], "0x9246____________", None),
+    # ROCm 4.0: the PCI device ID where the name belongs, the subsystem ID as "Card model", no VRAM asked
+    ("amd/rocm_smi_mi100_0x738c.json", ["AMD Instinct MI100"], [0], ["gfx908"], [True], None, None),
+    # MI100 named by its chip and product; gfx908 has bf16
+    ("amd/rocm_smi_mi100_x2_arcturus.json", ["Arcturus GL-XL [AMD Instinct MI100]"] * 2, [0, 0], ["gfx908"] * 2,
+     [True] * 2, None, "4.18.0-348.12.2.el8_5.x86_64"),
+    # ROCm 6.0 printed the stepping in decimal: "gfx9010" is gfx90a
+    ("amd/rocm_smi_mi250x_gfx9010.json", ["AMD INSTINCT MI200 (MCM) OAM LC MBA HPE C2"], [0], ["gfx90a"], [True],
+     None, None),
+    # a 'GPU[0] ...' line (which holds the JSON '[0]') before the JSON
+    ("amd/rocm_smi_gpu0_line_before_json.txt", ["Radeon RX 7900 XT"], [20464], ["gfx1100"], [True], None, None),
 ]
 
 
@@ -198,6 +208,71 @@ def test_parse_amd_smi_json_without_json_raises():
         gf.parse_amd_smi_json(fixture("amd/amd_smi_no_amdgpu.rc255.txt"))
 
 
+def test_parse_rocm_smi_json_without_json_raises():
+    with pytest.raises(ValueError):
+        gf.parse_rocm_smi_json(fixture("amd/rocm_smi_no_json_data.txt"))
+
+
+@pytest.mark.parametrize("text,value", [
+    ("GPU[0]\t\t: Not supported on the given system\n", None),  # '[0]' is JSON but no answer
+    ("GPU[0]\t\t: Not supported\n{\"card0\": {}}\n", {"card0": {}}),
+    ("ERROR: 2 GPU[0]: % memory use: RSMI_STATUS_NOT_SUPPORTED\n[{\"gpu\": 0}]", [{"gpu": 0}]),
+    ("Permission needed [x]\n[]\n", []),
+])
+def test_json_from_skips_warning_lines(text, value):
+    if value is None:
+        with pytest.raises(ValueError):
+            gf._json_from(text)
+    else:
+        assert gf._json_from(text) == value
+
+
+# rocm-smi card fields as real versions printed them (values from the fixtures' sources): name, arch
+@pytest.mark.parametrize("card,name,arch", [
+    ({"Card series": "0x738c", "Card model": "0xc34", "Card SKU": "D34314"}, "AMD Instinct MI100", "gfx908"),
+    ({"Card SKU": "D34314"}, "AMD Instinct MI100", "gfx908"),  # SKU only
+    ({"Card series": "D34316"}, "AMD Instinct MI100", "gfx908"),  # SKU where the name belongs
+    ({"Card Series": "AMD INSTINCT MI200 (MCM) OAM LC MBA HPE C2", "Card Model": "0x7408", "GFX Version": "gfx9010"},
+     "AMD INSTINCT MI200 (MCM) OAM LC MBA HPE C2", "gfx90a"),
+    ({"Card Model": "0x7408", "Card SKU": "D65201"}, "AMD Instinct MI250X", "gfx90a"),
+    ({"Card series": "Instinct MI210", "Card model": "0x0c34"}, "Instinct MI210", "gfx90a"),  # 0x0c34: subsystem
+    ({"Device Name": "AMD Instinct MI300A", "Device ID": "0x74a0", "GFX Version": "gfx942"}, "AMD Instinct MI300A",
+     "gfx942"),
+    ({"Card Series": "0x74a5"}, "AMD Instinct MI325X", "gfx942"),
+    ({"Card Model": "0x66a1"}, "AMD Radeon Pro VII/Radeon Instinct MI50", "gfx906"),
+    ({"Card Model": "0x7448"}, "AMD Radeon Pro W7900", "gfx1100"),
+    ({"Card Model": "0x73a3"}, "AMD Radeon PRO W6800", "gfx1030"),
+    ({"Card series": "Fiji [Radeon R9 FURY / NANO Series]", "Card model": "Radeon R9 FURY X", "Card SKU": "C88001"},
+     "Fiji [Radeon R9 FURY / NANO Series]", None),
+    ({"Card SKU": "N/A", "Card Model": "0x1234"}, "AMD GPU", None),
+])
+def test_amd_rocm_card(card, name, arch):
+    assert gf.amd_rocm_card(card) == (name, arch)
+
+
+@pytest.mark.parametrize("value,arch", [("gfx9010", "gfx90a"), ("gfx90a", "gfx90a"), ("gfx942", "gfx942"),
+                                        ("gfx1100", "gfx1100"), ("GFX908", "gfx908"), ("N/A", None), (None, None)])
+def test_amd_normalize_gfx(value, arch):
+    assert gf.amd_normalize_gfx(value) == arch
+
+
+# the issue's list: Instinct MI50/MI60 gfx906, MI100 gfx908, MI210/MI250/MI250X gfx90a, MI300A/MI300X/MI325X gfx942,
+# Radeon Pro W6800/W7900
+@pytest.mark.parametrize("device_id,name,arch", [
+    ("66a0", "AMD Radeon Pro/Radeon Instinct (Vega 20)", "gfx906"), ("66a1", "AMD Radeon Pro VII/Radeon Instinct MI50",
+                                                                     "gfx906"),
+    ("738c", "AMD Instinct MI100", "gfx908"), ("740f", "AMD Instinct MI210", "gfx90a"),
+    ("740c", "AMD Instinct MI250X/MI250", "gfx90a"), ("7408", "AMD Instinct MI250X", "gfx90a"),
+    ("74a0", "AMD Instinct MI300A", "gfx942"), ("74a1", "AMD Instinct MI300X", "gfx942"),
+    ("74a5", "AMD Instinct MI325X", "gfx942"), ("75a3", "AMD Instinct MI355X", "gfx950"),
+    ("73a3", "AMD Radeon PRO W6800", "gfx1030"), ("7448", "AMD Radeon Pro W7900", "gfx1100"),
+    ("7551", "AMD Radeon AI PRO R9700", "gfx1201"),
+])
+def test_amd_pci_table(device_id, name, arch):
+    assert gf.AMD_PCI[device_id] == (name, arch)
+    assert gf.amd_bf16(arch) is (arch not in ("gfx906", "gfx1030"))
+
+
 @pytest.mark.parametrize("size,mib", [
     ({"value": 65520, "unit": "MB"}, 65520), ("65520 MB", 65520), (65520, 65520), ({"value": 64, "unit": "GB"}, 65536),
     ({"value": "N/A", "unit": "MB"}, None),
@@ -208,7 +283,7 @@ def test_amd_smi_size_units(size, mib):
 
 @pytest.mark.parametrize("arch,bf16", [
     ("gfx90a", True), ("gfx942", True), ("gfx950", True), ("gfx1100", True), ("gfx1101", True), ("gfx1201", True),
-    ("gfx908", False), ("gfx906", False), ("gfx1030", False), ("gfx1036", False), (None, False),
+    ("gfx908", True), ("gfx906", False), ("gfx1030", False), ("gfx1036", False), ("gfx900", False), (None, False),
 ])
 def test_amd_bf16(arch, bf16):
     assert gf.amd_bf16(arch) is bf16
@@ -246,6 +321,9 @@ XPU_SMI_CASES = [
      "00000000-0000-0003-0000-000856a08086"),
     ("intel/xpu_smi_discovery_d0_arc_a770.json", ["Intel(R) Arc(TM) A770 Graphics"], [16384], [True],
      "00000000-0000-0003-0000-000856a08086"),
+    # named only by its PCI ID: an XeHP SDV
+    ("intel/xpu_smi_discovery_0x020a.json", ["Intel(R) XeHP SDV (Arctic Sound) [0x020a]"], [0], [True],
+     "00000000-0000-0000-0000-020a00008086"),
 ]
 
 
@@ -276,6 +354,18 @@ SYCL_LS_CASES = [
     # only OpenCL: counted
     ("intel/sycl_ls_arc_a770_opencl.txt", ["Intel(R) Arc(TM) A770 Graphics"], [True], "23.17.26241.33"),
     ("intel/sycl_ls_cpu_only.txt", [], [], None),
+    # oneAPI 2022.1-2024.1 format: [ext_oneapi_level_zero:gpu:0] / [opencl:gpu:2]
+    ("intel/sycl_ls_ext_oneapi_a770_uhd630.txt", ["Intel(R) Arc(TM) A770 Graphics", "Intel(R) UHD Graphics 630"],
+     [True, False], "1.3.28454"),
+    ("intel/sycl_ls_ext_oneapi_a770_26241.txt", ["Intel(R) Arc(TM) A770 Graphics"], [True], "1.3.26241"),
+    # ... with devices named only by PCI ID
+    ("intel/sycl_ls_ext_oneapi_0x020a.txt", ["Intel(R) XeHP SDV (Arctic Sound) [0x020a]"], [True], "1.3.23061"),
+    ("intel/sycl_ls_ext_oneapi_0x0bd5_x4.txt", ["Intel(R) Data Center GPU Max 1550 [0x0bd5]"] * 4, [True] * 4,
+     "1.3.24595"),
+    ("intel/sycl_ls_b580_uhd770.txt", ["Intel(R) Arc(TM) B580 Graphics [0xe20b]", "Intel(R) UHD Graphics 770"],
+     [True, False], "1.3.31294"),
+    # oneAPI 2021 format: no device name
+    ("intel/sycl_ls_legacy_2021.txt", ["Intel GPU"], [False], "1.1.19792"),
 ]
 
 
@@ -290,9 +380,62 @@ def test_parse_sycl_ls(path, names, bf16, driver):
     assert gf.sycl_ls_driver_version(text) == driver
 
 
+# the two lines of the issue, one of each pre-2024.2 backend spelling: backend, name, driver
+@pytest.mark.parametrize("line,backend,name,driver", [
+    ("[ext_oneapi_level_zero:gpu:0] Intel(R) Level-Zero, Intel(R) Arc(TM) A770 Graphics 1.3 [1.3.26241]",
+     "level_zero", "Intel(R) Arc(TM) A770 Graphics", "1.3.26241"),
+    ("[opencl:gpu:2] Intel(R) OpenCL Graphics, Intel(R) UHD Graphics 770 OpenCL 3.0 NEO  [23.17.26241.33]",
+     "opencl", "Intel(R) UHD Graphics 770", "23.17.26241.33"),
+    ("[opencl:gpu:2] Intel(R) OpenCL HD Graphics, Intel(R) UHD Graphics 770 [0x4680] 3.0 [22.28.23726.1]",
+     "opencl", "Intel(R) UHD Graphics 770 [0x4680]", "22.28.23726.1"),
+    ("[level_zero:0] GPU : Intel(R) Level-Zero 1.3 [1.3.23726]", "level_zero", None, "1.3.23726"),
+])
+def test_sycl_ls_line_formats(line, backend, name, driver):
+    entry = gf._sycl_ls_line(line)
+    assert (entry["backend"], entry["name"], entry["driver"]) == (backend, name, driver)
+
+
+@pytest.mark.parametrize("line", [
+    "[ext_oneapi_cuda:gpu:0] NVIDIA CUDA BACKEND, Quadro P400 0.0 [CUDA 12.2]",
+    "[opencl:cpu:1] Intel(R) OpenCL, Intel(R) Core(TM) i5-8350U CPU @ 1.70GHz 3.0 [2022.14.7.0.30_160000]",
+    "[host:host:0] SYCL host platform, SYCL host device 1.2 [1.2]",
+    "[opencl:0] CPU : Intel(R) OpenCL 2.1 [2020.11.11.0.03_160000]",
+])
+def test_sycl_ls_non_intel_gpu_lines_are_recognized_but_not_counted(line):
+    assert gf.parse_sycl_ls(line) == []
+
+
+def test_parse_sycl_ls_without_a_sycl_ls_line_raises():
+    with pytest.raises(ValueError):
+        gf.parse_sycl_ls(fixture("intel/sycl_ls_selector_warning_only.txt"))
+    assert gf.parse_sycl_ls("") == []
+
+
+@pytest.mark.parametrize("name,pci_device_id,result", [
+    ("Intel(R) Graphics [0x020a]", None, ("Intel(R) XeHP SDV (Arctic Sound) [0x020a]", True)),
+    ("Intel(R) Graphics [0x0bd5]", None, ("Intel(R) Data Center GPU Max 1550 [0x0bd5]", True)),
+    ("Intel(R) Graphics [0x0bda]", None, ("Intel(R) Data Center GPU Max 1100 [0x0bda]", True)),
+    ("Intel(R) Graphics [0x56c0]", None, ("Intel(R) Data Center GPU Flex 170 [0x56c0]", True)),
+    ("Intel(R) Graphics [0x56c1]", None, ("Intel(R) Data Center GPU Flex 140 [0x56c1]", True)),
+    ("Intel(R) Graphics [0x56a0]", None, ("Intel(R) Arc(TM) A770 Graphics [0x56a0]", True)),
+    ("Intel(R) Graphics [0x4905]", None, ("Intel(R) Iris(R) Xe MAX Graphics (DG1) [0x4905]", False)),
+    ("Intel(R) Data Center GPU Max 1100", "0xbda", ("Intel(R) Data Center GPU Max 1100", True)),
+    ("Intel(R) UHD Graphics 770 [0x4680]", None, ("Intel(R) UHD Graphics 770 [0x4680]", False)),
+    ("Intel(R) Graphics [0x3e92]", None, ("Intel(R) Graphics [0x3e92]", False)),
+    (None, None, ("Intel GPU", False)),
+])
+def test_intel_device(name, pci_device_id, result):
+    assert gf.intel_device(name, pci_device_id) == result
+
+
 def test_parse_clinfo_list_keeps_only_intel_gpus():
     gpus = gf.parse_clinfo_list(fixture("intel/clinfo_l_rtx3090_uhd750.txt"))
     assert [(g["index"], g["name"], g["bf16"]) for g in gpus] == [(0, "Intel(R) UHD Graphics 750", False)]
+
+
+def test_parse_clinfo_list_without_platforms_raises():
+    with pytest.raises(ValueError):
+        gf.parse_clinfo_list(fixture("amd/rocm_smi_no_json_data.txt"))
 
 
 @pytest.mark.parametrize("name,bf16", [
@@ -302,6 +445,98 @@ def test_parse_clinfo_list_keeps_only_intel_gpus():
 ])
 def test_intel_bf16(name, bf16):
     assert gf.intel_bf16(name) is bf16
+
+
+# ------------------------------------------------------------------ PCI inventory
+
+# fixture, [(slot, vendor, vendor_id, device_id, class, name, driver)] of the GPU-class devices,
+# {vendor: count} of those that make the host a GPU host (pci_is_gpu)
+LSPCI_CASES = [
+    # fresh install: the NVIDIA card has no driver bound; the desktop's iGPU does not count
+    ("pci/lspci_nnkq_gt1030_uhd630.txt", [
+        ("0000:00:02.0", "intel", "8086", "3e92", "0300", "CoffeeLake-S GT2 [UHD Graphics 630]", "i915"),
+        ("0000:01:00.0", "nvidia", "10de", "1d01", "0300", "GP108 [GeForce GT 1030]", None)], {"nvidia": 1}),
+    ("pci/lspci_nnk_grep_2x_rtx3090.txt", [
+        ("0000:05:00.0", "nvidia", "10de", "2204", "0300", "GA102 [GeForce RTX 3090]", "nvidia"),
+        ("0000:0a:00.0", "nvidia", "10de", "2204", "0300", "GA102 [GeForce RTX 3090]", "nvidia")], {"nvidia": 2}),
+    ("pci/lspci_nn_D_grep_4x_max1550.txt", [
+        ("0000:%s:00.0" % bus, "intel", "8086", "0bd5", "0380", "Ponte Vecchio 1T", None)
+        for bus in ("29", "3a", "9a", "ca")], {"intel": 4}),
+    ("pci/lspci_nn_mi300x.txt", [
+        ("0000:dd:00.0", "amd", "1002", "74a1", "1200", "Aqua Vanjaram [Instinct MI300X]", None)], {"amd": 1}),
+    # the VF is bound to vfio-pci for a virtual machine and does not count
+    ("pci/lspci_nnk_grep_mi300x_pf_vf.txt", [
+        ("0000:85:00.0", "amd", "1002", "74a1", "1200", "Aqua Vanjaram [Instinct MI300X]", "gim"),
+        ("0000:85:02.0", "amd", "1002", "74b5", "1200", "Aqua Vanjaram [Instinct MI300X VF]", "vfio-pci")],
+     {"amd": 1}),
+    # an ID this lspci's pci.ids does not know ("Device"); QEMU's VGA is no GPU
+    ("pci/lspci_nn_qemu_amd_75c1.txt", [
+        ("0000:00:01.0", "other", "1234", "1111", "0300", "PCI device 1234:1111", None),
+        ("0000:00:06.0", "amd", "1002", "75c1", "1200", "PCI device 1002:75c1", None)], {"amd": 1}),
+    # a laptop: the AMD APU's graphics do not count
+    ("pci/lspci_Dnn_rtx3050ti_rembrandt.txt", [
+        ("0000:01:00.0", "nvidia", "10de", "25a0", "0300", "GA107M [GeForce RTX 3050 Ti Mobile]", None),
+        ("0000:74:00.0", "amd", "1002", "1681", "0300", "Rembrandt", None)], {"nvidia": 1}),
+    ("pci/lspci_nn_vm_cirrus.txt", [
+        ("0000:00:02.0", "other", "1013", "00b8", "0300", "Cirrus Logic GD 5446", None)], {}),
+]
+PCI_KEYS = ("slot", "vendor", "vendor_id", "device_id", "class", "name", "driver")
+
+
+@pytest.mark.parametrize("path,devices,gpus", LSPCI_CASES, ids=[case[0] for case in LSPCI_CASES])
+def test_parse_lspci(path, devices, gpus):
+    pci = gf.parse_lspci(fixture(path))
+    assert pci == [dict(zip(PCI_KEYS, device)) for device in devices]
+    assert {vendor: len(gf.pci_gpus(pci, vendor)) for vendor in ("nvidia", "amd", "intel")
+            if gf.pci_gpus(pci, vendor)} == gpus
+
+
+def test_parse_lspci_rejects_other_output():
+    with pytest.raises(ValueError):
+        gf.parse_lspci(fixture("nvidia/no_devices.rc6.txt"))
+    assert gf.parse_lspci("") == []
+
+
+@pytest.mark.parametrize("path", ["pci/lspci_nnkq_gt1030_uhd630.txt", "pci/lspci_nnk_grep_mi300x_pf_vf.txt",
+                                  "pci/lspci_nn_D_grep_4x_max1550.txt"])
+def test_sysfs_inventory_matches_lspci(tmp_path, path):
+    """sysfs (no lspci) lists the same devices and drivers; names only come from the AMD/Intel tables."""
+    root = fakes.write_fake_sysfs(tmp_path / "pci", FIXTURES / path)
+    from_lspci = gf.parse_lspci(fixture(path))
+    from_sysfs = gf.read_sysfs_pci(str(root))
+    drop = ("name",)
+    assert [{k: v for k, v in e.items() if k not in drop} for e in from_sysfs] == [
+        {k: v for k, v in e.items() if k not in drop} for e in from_lspci]
+    assert gf.read_sysfs_pci(str(tmp_path / "missing")) is None
+
+
+def test_sysfs_names_come_from_the_tables(tmp_path):
+    root = fakes.write_fake_sysfs(tmp_path / "pci", FIXTURES / "pci/lspci_nn_D_grep_4x_max1550.txt")
+    assert {e["name"] for e in gf.read_sysfs_pci(str(root))} == {"Intel(R) Data Center GPU Max 1550"}
+    root = fakes.write_fake_sysfs(tmp_path / "pci2", FIXTURES / "pci/lspci_nnkq_gt1030_uhd630.txt")
+    assert [e["name"] for e in gf.read_sysfs_pci(str(root))] == ["PCI device 8086:3e92", "PCI device 10de:1d01"]
+
+
+@pytest.mark.parametrize("notes,reason", [
+    (["nvidia-smi not found"], "nvidia-smi not found"),
+    (["amd-smi not found", "rocm-smi not found"], "amd-smi and rocm-smi not found"),
+    (["xpu-smi not found", "sycl-ls not found", "clinfo not found"], "xpu-smi, sycl-ls and clinfo not found"),
+    (["amd-smi not found", "rocm-smi failed: ERROR: x"], "amd-smi not found; rocm-smi failed: ERROR: x"),
+])
+def test_join_reasons(notes, reason):
+    assert gf.join_reasons(notes) == reason
+
+
+def test_undriven_summary_and_warning():
+    pci = gf.parse_lspci(fixture("pci/lspci_nnk_grep_2x_rtx3090.txt"))
+    undriven = gf.undriven_gpus(pci, set(), {"nvidia": "nvidia-smi not found"})
+    assert undriven == [{"vendor": "nvidia", "count": 2, "names": ["GA102 [GeForce RTX 3090]"] * 2,
+                         "reason": "nvidia-smi not found"}]
+    assert gf.undriven_warning(undriven[0], pci, "lspci") == (
+        "2 NVIDIA GPUs present (lspci: 10de:2204 GA102 [GeForce RTX 3090] at 0000:05:00.0, kernel driver nvidia, "
+        "10de:2204 GA102 [GeForce RTX 3090] at 0000:0a:00.0, kernel driver nvidia), no driver answers: "
+        "nvidia-smi not found; install the driver (setup.yml with drivers_install: true).")
+    assert gf.undriven_gpus(pci, {"nvidia"}, {}) == []
 
 
 # ------------------------------------------------------------------- CPU tables
@@ -364,10 +599,11 @@ def test_every_fixture_is_tested_and_sourced():
     on_disk = {str(p.relative_to(FIXTURES)) for p in FIXTURES.rglob("*")
                if p.is_file() and p.suffix in (".csv", ".txt", ".json") and p.parent != FIXTURES}
     referenced = {case[0] for case in NVIDIA_CASES + ROCM_SMI_CASES + AMD_SMI_CASES
-                                       + XPU_SMI_CASES + SYCL_LS_CASES + CPUINFO_CASES}
+                                       + XPU_SMI_CASES + SYCL_LS_CASES + CPUINFO_CASES + LSPCI_CASES}
     referenced |= {case[0] for case in NVIDIA_FAILURES}
     referenced |= {"nvidia/header_a100_535.txt", "nvidia/header_rtx5090_610.txt", "amd/amd_smi_no_amdgpu.rc255.txt",
-                   "intel/clinfo_l_rtx3090_uhd750.txt", "cpu/meminfo_local.txt"}
+                   "intel/clinfo_l_rtx3090_uhd750.txt", "cpu/meminfo_local.txt", "amd/rocm_smi_no_json_data.txt",
+                   "intel/sycl_ls_selector_warning_only.txt"}
     assert on_disk - referenced == set()
     assert [name for name in sorted(on_disk) if Path(name).name not in sources] == []
 
@@ -380,6 +616,13 @@ def run_module(tmp_path):
     """Run gpu_facts.py as Ansible runs a module, with only the given fake tools on PATH."""
 
     def run(tools, **params):
+        # a recorded lspci of a VM without GPUs unless the test gives one ("lspci": None: no lspci), and a
+        # sysfs root without devices unless the test gives one: the real host's PCI bus never leaks in
+        tools = dict(tools)
+        lspci = tools.pop("lspci", "tests/fixtures/gpu/pci/lspci_nn_vm_cirrus.txt")
+        if lspci:
+            tools["lspci"] = {fakes.LSPCI: lspci}
+        params.setdefault("pci_sysfs_root", str(tmp_path / "no-sysfs"))
         bin_dir = fakes.write_fake_tools(tmp_path / "bin", tools)
         (tmp_path / "sys").mkdir(exist_ok=True)
         timeout_link = tmp_path / "sys" / "timeout"
@@ -537,18 +780,119 @@ def test_e2e_cpu_host_with_gpus_set_fails(run_module):
     assert result["failed"] is True and "no GPU was detected" in result["msg"]
 
 
+GT1030_HOST = "tests/fixtures/gpu/pci/lspci_nnkq_gt1030_uhd630.txt"
+
+
+def test_e2e_gpu_without_driver_is_not_a_silent_cpu_host(run_module):
+    facts = run_module({"lspci": GT1030_HOST})["ansible_facts"]["dsfleet_gpu"]
+    assert facts["accelerator"] == "cpu" and facts["gpus"] == []
+    assert [(e["slot"], e["vendor"], e["device_id"], e["driver"]) for e in facts["pci"]] == [
+        ("0000:00:02.0", "intel", "3e92", "i915"), ("0000:01:00.0", "nvidia", "1d01", None)]
+    assert facts["undriven"] == [{"vendor": "nvidia", "count": 1, "names": ["GP108 [GeForce GT 1030]"],
+                                  "reason": "nvidia-smi not found"}]
+    assert facts["warnings"] == [
+        "1 NVIDIA GPU present (lspci: 10de:1d01 GP108 [GeForce GT 1030] at 0000:01:00.0, kernel driver none), no "
+        "driver answers: nvidia-smi not found; install the driver (setup.yml with drivers_install: true)."]
+
+
+def test_e2e_gpu_without_driver_from_sysfs(run_module, tmp_path):
+    sysfs = fakes.write_fake_sysfs(tmp_path / "sys-pci", GT1030_HOST)
+    facts = run_module({"lspci": None}, pci_sysfs_root=str(sysfs))["ansible_facts"]["dsfleet_gpu"]
+    assert [(e["slot"], e["name"], e["driver"]) for e in facts["pci"]] == [
+        ("0000:00:02.0", "PCI device 8086:3e92", "i915"), ("0000:01:00.0", "PCI device 10de:1d01", None)]
+    assert [(u["vendor"], u["count"]) for u in facts["undriven"]] == [("nvidia", 1)]
+    assert facts["warnings"][0].startswith("1 NVIDIA GPU present (sysfs: 10de:1d01 PCI device 10de:1d01 at 0000:01:00.0")
+
+
+def test_e2e_failing_tool_is_the_undriven_reason(run_module):
+    facts = run_module({"lspci": "tests/fixtures/gpu/pci/lspci_nnk_grep_2x_rtx3090.txt",
+                        "nvidia-smi": "tests/fixtures/gpu/nvidia/driver_not_loaded.rc9.txt"})["ansible_facts"]["dsfleet_gpu"]
+    assert facts["accelerator"] == "cpu"
+    [summary] = facts["undriven"]
+    assert summary["count"] == 2 and summary["reason"].startswith(
+        "nvidia-smi failed: NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver")
+    assert facts["warnings"][-1].startswith("2 NVIDIA GPUs present (lspci: 10de:2204 GA102 [GeForce RTX 3090] at "
+                                            "0000:05:00.0, kernel driver nvidia, 10de:2204")
+
+
+def test_e2e_undriven_is_empty_when_the_tool_answers(run_module):
+    facts = run_module({"lspci": "tests/fixtures/gpu/pci/lspci_nnk_grep_2x_rtx3090.txt",
+                        "nvidia-smi": A100_NVIDIA_SMI})["ansible_facts"]["dsfleet_gpu"]
+    assert facts["accelerator"] == "nvidia" and len(facts["pci"]) == 2 and facts["undriven"] == []
+
+
+def test_e2e_other_vendor_without_driver_next_to_a_working_one(run_module):
+    """Detection stops at NVIDIA; the AMD accelerator on the bus still gets its tools asked."""
+    facts = run_module({"lspci": "tests/fixtures/gpu/pci/lspci_nn_qemu_amd_75c1.txt",
+                        "nvidia-smi": A100_NVIDIA_SMI})["ansible_facts"]["dsfleet_gpu"]
+    assert facts["accelerator"] == "nvidia"
+    assert facts["undriven"] == [{"vendor": "amd", "count": 1, "names": ["PCI device 1002:75c1"],
+                                  "reason": "amd-smi and rocm-smi not found"}]
+
+
+@pytest.mark.parametrize("lspci,vendor,count,reason", [
+    ("pci/lspci_nnk_grep_mi300x_pf_vf.txt", "amd", 1, "amd-smi and rocm-smi not found"),
+    ("pci/lspci_nn_D_grep_4x_max1550.txt", "intel", 4, "xpu-smi, sycl-ls and clinfo not found"),
+    ("pci/lspci_Dnn_rtx3050ti_rembrandt.txt", "nvidia", 1, "nvidia-smi not found"),
+])
+def test_e2e_undriven_per_vendor(run_module, lspci, vendor, count, reason):
+    facts = run_module({"lspci": "tests/fixtures/gpu/" + lspci})["ansible_facts"]["dsfleet_gpu"]
+    assert [(u["vendor"], u["count"], u["reason"]) for u in facts["undriven"]] == [(vendor, count, reason)]
+
+
+@pytest.mark.parametrize("answer,warning", [
+    ("nvidia/no_devices.rc6.txt", "lspci failed (exit 6): No devices were found; reading "),
+    ("amd/rocm_smi_no_json_data.txt", "lspci printed output this module cannot read (no device line of `lspci -nn`); "
+                                      "its first line: 'WARNING: No JSON data to report'"),
+])
+def test_e2e_failing_or_unreadable_lspci_falls_back_to_sysfs(run_module, tmp_path, answer, warning):
+    sysfs = fakes.write_fake_sysfs(tmp_path / "sys-pci", GT1030_HOST)
+    facts = run_module({"lspci": "tests/fixtures/gpu/" + answer}, pci_sysfs_root=str(sysfs))["ansible_facts"]["dsfleet_gpu"]
+    assert facts["warnings"][0].startswith(warning)
+    assert [(u["vendor"], u["count"]) for u in facts["undriven"]] == [("nvidia", 1)]
+    assert "(sysfs: " in facts["warnings"][1]
+
+
+@pytest.mark.parametrize("tool,path,first_line", [
+    ("sycl-ls", "intel/sycl_ls_selector_warning_only.txt",
+     "Warning: ONEAPI_DEVICE_SELECTOR environment variable is set to opencl:cpu;opencl:fpga;level_zero:3."),
+    ("rocm-smi", "amd/rocm_smi_no_json_data.txt", "WARNING: No JSON data to report"),
+])
+def test_e2e_unreadable_answer_names_tool_and_first_line(run_module, tool, path, first_line):
+    facts = run_module({tool: "tests/fixtures/gpu/" + path})["ansible_facts"]["dsfleet_gpu"]
+    assert facts["accelerator"] == "cpu"
+    assert facts["warnings"] == ["%s printed output this module cannot read (%s); its first line: %r. Skipping it."
+                                 % (tool, "no line in a format sycl-ls prints" if tool == "sycl-ls"
+                                    else "no JSON document in the tool output", first_line)]
+
+
+def test_e2e_old_sycl_ls_without_device_names(run_module):
+    facts = run_module({"sycl-ls": "tests/fixtures/gpu/intel/sycl_ls_legacy_2021.txt"})["ansible_facts"]["dsfleet_gpu"]
+    assert facts["tool"] == "sycl-ls" and facts["driver_version"] == "1.1.19792"
+    assert [(g["name"], g["bf16"]) for g in facts["gpus"]] == [("Intel GPU", False)]
+    assert any("prints no device names" in w for w in facts["warnings"])
+
+
+def test_e2e_rocm_smi_warning_line_before_json(run_module):
+    facts = run_module({"rocm-smi": {fakes.ROCM_SMI_QUERY: "tests/fixtures/gpu/amd/rocm_smi_gpu0_line_before_json.txt"}}
+                       )["ansible_facts"]["dsfleet_gpu"]
+    assert facts["tool"] == "rocm-smi" and [g["arch"] for g in facts["gpus"]] == ["gfx1100"]
+    assert facts["warnings"] == []
+
+
 def test_e2e_through_ansible(tmp_path):
     """The module loads and runs under ansible itself; its warnings reach the user."""
     ansible = Path(sys.executable).parent / "ansible"
     if not ansible.exists():
         pytest.skip("ansible is not installed next to this python")
-    bin_dir = fakes.write_fake_tools(tmp_path / "bin", {"nvidia-smi": A100_NVIDIA_SMI})
+    bin_dir = fakes.write_fake_tools(tmp_path / "bin", {"nvidia-smi": A100_NVIDIA_SMI,
+                                                        "lspci": "tests/fixtures/gpu/pci/lspci_nn_vm_cirrus.txt"})
     env = dict(os.environ, PATH=os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]),
                ANSIBLE_LIBRARY=str(MODULE_PATH.parent), ANSIBLE_LOCALHOST_WARNING="0",
                ANSIBLE_INVENTORY_UNPARSED_WARNING="0", ANSIBLE_NOCOLOR="1",
                # a user without a home directory (the unit tier runs without root) still gets a temp dir
                ANSIBLE_REMOTE_TMP=str(tmp_path / "remote-tmp"), ANSIBLE_LOCAL_TEMP=str(tmp_path / "local-tmp"))
-    proc = subprocess.run([str(ansible), "localhost", "-c", "local", "-m", "gpu_facts", "-a", "gpus=2,0",
+    proc = subprocess.run([str(ansible), "localhost", "-c", "local", "-m", "gpu_facts", "-a", "gpus=2,0 pci_sysfs_root=%s" % (tmp_path / "no-sysfs"),
                            "-e", "ansible_python_interpreter=" + sys.executable],
                           capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr

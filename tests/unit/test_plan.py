@@ -639,3 +639,27 @@ def test_summary_gives_eval_tokens_per_device_and_mfu():
     assert "tokens/s     100000 (50000 per device; MFU 12.0% of the devices' datasheet peak)" in table
     cpu = R.summary(P.make_plan([host("c", 11)], {"run_id": "r"}, None, cfg), metrics)
     assert cpu["mfu"] is None and "MFU" not in "\n".join(R.summary_table(cpu))
+
+
+def test_a_host_whose_gpus_have_no_driver_is_left_out_with_the_reason_never_a_cpu_host():
+    """gpu_facts' ``undriven``: GPUs on the PCI bus that no vendor tool answers for."""
+    bare = host("bare", 12, [])
+    bare["gpu"]["undriven"] = [{"vendor": "nvidia", "count": 2, "names": ["GA100 [A100 SXM4 80GB]"] * 2,
+                                "reason": "nvidia-smi not found"}]
+    fleet = [host("a", 11, [A100(0)]), bare]
+    p = make_plan(fleet, {"require_all_hosts": False})
+    assert [h["name"] for h in p["hosts"]] == ["a"]
+    reason = {e["name"]: e["reason"] for e in p["excluded"]}["bare"]
+    assert reason == ("2 NVIDIA GPUs present (lspci: GA100 [A100 SXM4 80GB] x2), no driver: nvidia-smi not found "
+                      "(setup.yml with drivers_install: true installs it)")
+    with pytest.raises(PlanError, match=r"host bare: 2 NVIDIA GPUs present .*no driver: nvidia-smi not found; "
+                                        r"install the driver \(ansible-playbook setup.yml with drivers_install"):
+        make_plan(fleet)          # require_all_hosts is the default
+    # a host whose NVIDIA GPUs work but whose AMD card has no driver trains on the NVIDIA ones, with a warning
+    mixed = host("mixed", 13, [A100(0)])
+    mixed["gpu"]["undriven"] = [{"vendor": "amd", "count": 1, "names": ["Aldebaran/MI200 [Instinct MI210]"],
+                                 "reason": "amd-smi and rocm-smi not found"}]
+    q = make_plan([host("a", 11, [A100(0)]), mixed])
+    assert [h["name"] for h in q["hosts"]] == ["a", "mixed"]
+    assert any(w.startswith("mixed: 1 AMD GPU present (lspci: Aldebaran/MI200 [Instinct MI210]), no driver: amd-smi "
+                            "and rocm-smi not found; those GPUs are not used") for w in q["warnings"]), q["warnings"]

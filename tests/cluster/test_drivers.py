@@ -1,0 +1,159 @@
+"""GPU drivers and GPU hosts without one, on 4 rig hosts with fake vendor tools and fake `lspci` replaying real
+recorded outputs (tests/fixtures/gpu/SOURCES.md):
+
+- h1: 4x A100 whose nvidia-smi answers (driver 535): left untouched even with drivers_install;
+- h2: 2x RTX 3090 on the PCI bus, no nvidia-smi: reported, drivers_install off (Debian: non-free nvidia-driver);
+- h3: 4x Data Center GPU Max 1550, no tool, drivers_install on: setup.yml in check mode runs the install tasks
+  against the real apt cache (Debian's own intel-opencl-icd, libze1, clinfo);
+- h4: an MI300X on a host whose /etc/os-release says Rocky Linux 9.4: ROCm's RHEL repositories.
+
+setup.yml --check lists exactly what each host would get; plan.yml leaves h2-h4 out with the reason (or fails
+naming h2 under require_all_hosts). A real `apt-get -s install` of h2's planned set (with Debian's non-free
+archive) proves the packages exist and install together.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import uuid
+
+import pytest
+import yaml
+
+from helpers import ROOT, RUNS, run_playbook
+
+sys.path.insert(0, str(ROOT / "tests" / "rig"))
+sys.path.insert(0, str(ROOT / "tests" / "fixtures" / "gpu"))
+from fakes import NVIDIA_HEADER, NVIDIA_QUERY, write_fake_tools  # noqa: E402
+
+import rig as rigmod  # noqa: E402
+
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]
+
+FIX = ROOT / "tests" / "fixtures" / "gpu"
+# Rocky Linux 9.4's /etc/os-release as the release ships it (rocky-release-9.4)
+ROCKY_94 = """NAME="Rocky Linux"
+VERSION="9.4 (Blue Onyx)"
+ID="rocky"
+ID_LIKE="rhel centos fedora"
+VERSION_ID="9.4"
+PLATFORM_ID="platform:el9"
+PRETTY_NAME="Rocky Linux 9.4 (Blue Onyx)"
+ANSI_COLOR="0;32"
+LOGO="fedora-logo-icon"
+CPE_NAME="cpe:/o:rocky:rocky:9::baseos"
+HOME_URL="https://rockylinux.org/"
+BUG_REPORT_URL="https://bugs.rockylinux.org/"
+SUPPORT_END="2032-05-31"
+ROCKY_SUPPORT_PRODUCT="Rocky-Linux-9"
+ROCKY_SUPPORT_PRODUCT_VERSION="9.4"
+REDHAT_SUPPORT_PRODUCT="Rocky Linux"
+REDHAT_SUPPORT_PRODUCT_VERSION="9.4"
+"""
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    state = tmp_path_factory.mktemp("rig")
+    rig = rigmod.create(str(state), hosts=4, prefix="dsfdr", subnet="10.177.61.0/24")
+    try:
+        bins = {h: rig.host_dir(h, "usr-local-bin") for h in rig.names}
+        write_fake_tools(bins["h1"], {"nvidia-smi": {NVIDIA_QUERY: FIX / "nvidia" / "a100_sxm4_80gb_x4_mig0.csv",
+                                                     NVIDIA_HEADER: FIX / "nvidia" / "header_a100_535.txt"}},
+                         python="/usr/bin/python3")
+        write_fake_tools(bins["h2"], {"lspci": FIX / "pci" / "lspci_nnk_grep_2x_rtx3090.txt"}, python="/usr/bin/python3")
+        write_fake_tools(bins["h3"], {"lspci": FIX / "pci" / "lspci_nn_D_grep_4x_max1550.txt"},
+                         python="/usr/bin/python3")
+        write_fake_tools(bins["h4"], {"lspci": FIX / "pci" / "lspci_nnk_grep_mi300x_pf_vf.txt"},
+                         python="/usr/bin/python3")
+        # in place: the host's bind mount keeps the file's inode
+        with open(rig.host_dir("h4", "etc-os-release"), "w") as f:
+            f.write(ROCKY_94)
+        inventory = yaml.safe_load(pathlib.Path(rig.inventory).read_text())
+        hosts = inventory["all"]["children"]["dsfleet"]["hosts"] if "all" in inventory else \
+            inventory["dsfleet"]["hosts"]
+        for name in ("h1", "h3"):
+            hosts[name]["drivers_install"] = True
+        mine = state / "inventory-drivers.yml"
+        mine.write_text(yaml.safe_dump(inventory))
+        yield rig, str(mine)
+    finally:
+        rigmod.destroy(str(state))
+
+
+SAY = "Say what the host has and what the drivers plan would install"
+
+
+def test_check_mode_lists_what_each_host_would_get_and_touches_a_working_host_not(fleet, tmp_path):
+    rig, inventory = fleet
+    result = run_playbook("setup.yml", {}, inventory=inventory, cmdline="--check --tags facts,drivers")
+    said = {h: result.task_result(SAY, h)["msg"] for h in rig.names}
+    assert result.rc == 0, result.stdout[-5000:]
+    kernel = os.uname().release
+    assert len(said["h1"]) == 2 and said["h1"][1].startswith("4 NVIDIA GPUs: ok (driver 535."), said["h1"]
+    h2 = said["h2"]
+    assert h2[1].startswith("2 NVIDIA GPUs: missing (nvidia-smi not found"), h2
+    assert "drivers_install: true would install: nvidia-driver, firmware-misc-nonfree, nvidia-smi" in h2[1]
+    assert h2[2:] == ["keys: ", "repositories: debian-non-free",
+                      "packages: linux-headers-%s nvidia-driver firmware-misc-nonfree nvidia-smi" % kernel,
+                      "modules: "]
+    h3 = said["h3"]
+    assert h3[1].startswith("4 Intel GPUs: missing (") and "installing: intel-opencl-icd, libze1, clinfo" in h3[1]
+    assert h3[2:] == ["keys: ", "repositories: ", "packages: intel-opencl-icd libze1 clinfo", "modules: "]
+    h4 = said["h4"]
+    # without /etc/redhat-release (the rig shares the controller's /etc) Ansible names it from os-release alone
+    # and maps no family: the role takes the family from ID_LIKE
+    assert h4[0].startswith("h4 (Rocky Linux 9.4, kernel "), h4
+    assert h4[1].startswith("1 AMD GPU: missing (") and "drivers_install: true would install: amdgpu-dkms, " \
+        "rocm-smi-lib, amd-smi-lib" in h4[1], h4
+    assert h4[2:] == ["keys: ", "repositories: amdgpu, rocm",
+                      "packages: kernel-devel-%s kernel-headers amdgpu-dkms rocm-smi-lib amd-smi-lib" % kernel,
+                      "modules: "]
+    # h1 (drivers_install, driver answers): nothing would change; h3 would get its packages (apt, check mode)
+    changed = result.stats.get("changed") or {}
+    assert changed.get("h1", 0) == 0 and changed.get("h2", 0) == 0 and changed.get("h4", 0) == 0, changed
+    assert changed.get("h3", 0) >= 1, changed
+    assert "Install the kernel headers and the driver packages" in result.stdout
+    assert not list(pathlib.Path("/etc/apt/sources.list.d").glob("dsfleet-*"))      # check mode wrote nothing
+
+
+def test_the_plan_leaves_gpu_hosts_without_a_driver_out_with_the_reason(fleet, tmp_path):
+    rig, inventory = fleet
+    run_id = "drv-%s" % uuid.uuid4().hex[:6]
+    result = run_playbook("playbooks/plan.yml", {"run_id": run_id, "require_all_hosts": False}, inventory=inventory)
+    assert result.rc == 0, result.stdout[-4000:]
+    plan = json.loads((RUNS / run_id / "plan.json").read_text())
+    assert [h["name"] for h in plan["hosts"]] == ["h1"] and plan["accelerator"] == "nvidia"
+    reasons = {e["name"]: e["reason"] for e in plan["excluded"]}
+    assert reasons["h2"] == ("2 NVIDIA GPUs present (lspci: GA102 [GeForce RTX 3090] x2), no driver: nvidia-smi not "
+                             "found (setup.yml with drivers_install: true installs it)"), reasons
+    assert reasons["h3"].startswith("4 Intel GPUs present (lspci: "), reasons
+    assert reasons["h4"].startswith("1 AMD GPU present (lspci: "), reasons
+    assert "left out: h2 — 2 NVIDIA GPUs present" in result.stdout
+    strict = run_playbook("playbooks/plan.yml", {"run_id": run_id + "s"}, inventory=inventory)
+    assert strict.rc != 0
+    assert any("host h2: 2 NVIDIA GPUs present" in f and "drivers_install: true" in f and "-e exclude=h2" in f
+               for f in strict.failures), strict.failures
+
+
+def test_debians_own_archive_installs_the_nvidia_set_the_plan_names(tmp_path):
+    """apt-get -s (simulate) of h2's planned packages with Debian's non-free archive, in a private apt state (this
+    machine's sources and lists stay as they are). The running kernel's headers are left out: this machine runs
+    a kernel Debian does not ship."""
+    release = next(line.split("=", 1)[1].strip('"') for line in pathlib.Path("/etc/os-release").read_text().splitlines()
+                   if line.startswith("VERSION_CODENAME="))
+    sources = tmp_path / "sources.list"
+    sources.write_text("deb http://deb.debian.org/debian %s main contrib non-free non-free-firmware\n" % release)
+    for sub in ("lists/partial", "cache/archives/partial"):
+        (tmp_path / sub).mkdir(parents=True)
+    opts = ["-o", "Dir::Etc::SourceList=%s" % sources, "-o", "Dir::Etc::SourceParts=%s" % (tmp_path / "none"),
+            "-o", "Dir::State::Lists=%s" % (tmp_path / "lists"), "-o", "Dir::Cache=%s" % (tmp_path / "cache"),
+            "-o", "Debug::NoLocking=1"]
+    update = subprocess.run(["apt-get", *opts, "update"], capture_output=True, text=True, timeout=600)
+    assert update.returncode == 0, update.stdout[-2000:] + update.stderr[-2000:]
+    sim = subprocess.run(["apt-get", *opts, "-s", "install", "nvidia-driver", "firmware-misc-nonfree", "nvidia-smi",
+                          "linux-headers-amd64"], capture_output=True, text=True, timeout=600)
+    assert sim.returncode == 0, sim.stdout[-3000:] + sim.stderr[-2000:]
+    assert "Inst nvidia-driver " in sim.stdout and "Inst nvidia-smi " in sim.stdout
