@@ -9,7 +9,9 @@ recorded outputs (tests/fixtures/gpu/SOURCES.md):
 
 setup.yml --check lists exactly what each host would get; plan.yml leaves h2-h4 out with the reason (or fails
 naming h2 under require_all_hosts). A real `apt-get -s install` of h2's planned set (with Debian's non-free
-archive) proves the packages exist and install together.
+archive) proves the packages exist and install together. The system preparation (roles/system) names every host
+in each host's /etc/hosts (private to each rig host), trusts the other hosts in h2's active ufw (a fake `ufw`
+replaying its real answers) and compares the clocks.
 """
 
 import json
@@ -33,6 +35,7 @@ import rig as rigmod  # noqa: E402
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")]
 
 FIX = ROOT / "tests" / "fixtures" / "gpu"
+SYSFIX = ROOT / "tests" / "fixtures" / "system"
 # Rocky Linux 9.4's /etc/os-release as the release ships it (rocky-release-9.4)
 ROCKY_94 = """NAME="Rocky Linux"
 VERSION="9.4 (Blue Onyx)"
@@ -63,7 +66,11 @@ def fleet(tmp_path_factory):
         write_fake_tools(bins["h1"], {"nvidia-smi": {NVIDIA_QUERY: FIX / "nvidia" / "a100_sxm4_80gb_x4_mig0.csv",
                                                      NVIDIA_HEADER: FIX / "nvidia" / "header_a100_535.txt"}},
                          python="/usr/bin/python3")
-        write_fake_tools(bins["h2"], {"lspci": FIX / "pci" / "lspci_nnk_grep_2x_rtx3090.txt"}, python="/usr/bin/python3")
+        ufw = {"status": SYSFIX / "ufw_status_active.txt"}
+        ufw.update({"allow from %s comment dsfleet" % rig.address(h): SYSFIX / "ufw_rule_added.txt"
+                    for h in rig.names if h != "h2"})
+        write_fake_tools(bins["h2"], {"lspci": FIX / "pci" / "lspci_nnk_grep_2x_rtx3090.txt", "ufw": ufw},
+                         python="/usr/bin/python3")
         write_fake_tools(bins["h3"], {"lspci": FIX / "pci" / "lspci_nn_D_grep_4x_max1550.txt"},
                          python="/usr/bin/python3")
         write_fake_tools(bins["h4"], {"lspci": FIX / "pci" / "lspci_nnk_grep_mi300x_pf_vf.txt"},
@@ -157,3 +164,27 @@ def test_debians_own_archive_installs_the_nvidia_set_the_plan_names(tmp_path):
                           "linux-headers-amd64"], capture_output=True, text=True, timeout=600)
     assert sim.returncode == 0, sim.stdout[-3000:] + sim.stderr[-2000:]
     assert "Inst nvidia-driver " in sim.stdout and "Inst nvidia-smi " in sim.stdout
+
+
+def test_system_preparation_names_every_host_trusts_the_cluster_and_checks_the_clock(fleet):
+    rig, inventory = fleet
+    result = run_playbook("setup.yml", {}, inventory=inventory, cmdline="--tags facts,system")
+    assert result.rc == 0, result.stdout[-5000:]
+    block = ["%s %s" % (rig.address(h), h) for h in sorted(rig.names)]
+    for host in rig.names:
+        lines = pathlib.Path(rig.host_dir(host, "etc-hosts")).read_text().splitlines()
+        start = lines.index("# BEGIN dsfleet hosts")
+        assert lines[start + 1:start + 1 + len(block)] == block and lines[start + 1 + len(block)] == \
+            "# END dsfleet hosts", lines
+        clock = result.task_result("Compare it with the controller's", host)["msg"]
+        assert clock.startswith("%s: clock " % host) and "WARNING" not in clock, clock
+    said = result.task_result("Say which firewall was found", "h2")["msg"]
+    assert said == "h2: ufw is active: %s trusted" % ", ".join(rig.address(h) for h in ("h1", "h3", "h4")), said
+    assert result.task_result("Say which firewall was found", "h1")["msg"] == "h1: no active firewall (ufw, firewalld)"
+    # the packages are there (the rig shares the controller's /usr): nothing installed; a second run changes
+    # nothing where no firewall is (the fake ufw says "Rule added" every time)
+    assert not any(r["res"].get("changed") for r in result.ok if r["task"] == "Install the missing ones")
+    again = run_playbook("setup.yml", {}, inventory=inventory, cmdline="--tags facts,system")
+    assert again.rc == 0
+    assert {h: n for h, n in (again.stats.get("changed") or {}).items() if n} == {"h2": 1}, again.stats
+    assert pathlib.Path(rig.host_dir("h3", "etc-hosts")).read_text().count("# BEGIN dsfleet hosts") == 1
