@@ -16,6 +16,7 @@ laid out as they lie under each host's dsfleet home. Runs on the controller only
 """
 
 import base64
+import gzip
 import io
 import os
 import tarfile
@@ -31,7 +32,9 @@ def _skip(name):
 def bundle(dest, run_id, run_files, code, node, files):
     """Write the bundle atomically; returns its size in bytes."""
     tmp = dest + ".tmp"
-    with tarfile.open(tmp, "w:gz", compresslevel=1) as tar:
+    # gzip's header without a timestamp: the same inputs give the same bytes (runs/<id>/nodes/*.sh carry them)
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w") as tar:
         for root, dirs, names in os.walk(code):
             dirs[:] = sorted(d for d in dirs if not _skip(d))
             for name in sorted(n for n in names if not _skip(n)):

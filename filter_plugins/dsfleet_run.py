@@ -18,10 +18,14 @@ def _adapt(fn):
     return raising(AnsibleFilterError, fn)
 
 
-def controller_env(names):
-    """The controller's own values of the environment variables ``names`` that are set (filters run on the
-    controller): HF_TOKEN and HF_ENDPOINT reach the hub download on the master this way, never through a file."""
-    return {name: os.environ[name] for name in names if os.environ.get(name)}
+def hub_env(home):
+    """The environment of the hub tasks on the master whose dsfleet home is ``home`` (filters run on the
+    controller): the controller's HF_ENDPOINT, and HF_TOKEN_PATH naming the 0600 copy of the controller's HF_TOKEN
+    that the plan role keeps there (a token in the environment would show on the remote command line)."""
+    env = {"HF_ENDPOINT": os.environ["HF_ENDPOINT"]} if os.environ.get("HF_ENDPOINT") else {}
+    if os.environ.get("HF_TOKEN"):
+        env["HF_TOKEN_PATH"] = str(home).rstrip("/") + "/hf_token"
+    return env
 
 
 class FilterModule(object):
@@ -39,5 +43,5 @@ class FilterModule(object):
             "dsfleet_common_checkpoint": _adapt(_run.common_checkpoint),
             "dsfleet_resume_source": _adapt(_run.resume_source),
             "dsfleet_export_source": _adapt(_run.export_source),
-            "dsfleet_controller_env": controller_env,
+            "dsfleet_hub_env": hub_env,
         }

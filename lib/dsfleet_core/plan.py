@@ -980,14 +980,18 @@ def add_processes(plan, records):
         # starts and watches each host's own launcher
         host["watched"] = is_master or not pdsh
         env = _process_env(plan, host, paths)
+        # what the ansible launcher starts on this host (one DeepSpeed launcher per node); also what
+        # runs/<id>/nodes/<host>.sh starts by hand, whichever launcher the plan uses
+        host["node_process"] = {"argv": [paths["deepspeed"]] + launcher_args(plan, host["node_rank"], paths)
+                                + [paths["train"]] + train_args(plan, paths), "env": dict(env),
+                                "cwd": paths["run_dir"]}
         process = None
         if pdsh and is_master:
             env["PDSH_RCMD_TYPE"] = "ssh"
             process = {"argv": [paths["deepspeed"]] + launcher_args(plan, None, paths) + [paths["train"]]
                        + train_args(plan, paths), "env": env, "cwd": paths["run_dir"]}
         elif not pdsh:
-            process = {"argv": [paths["deepspeed"]] + launcher_args(plan, host["node_rank"], paths)
-                       + [paths["train"]] + train_args(plan, paths), "env": env, "cwd": paths["run_dir"]}
+            process = dict(host["node_process"], env=env)
         host["process"] = process
         watch = plan["watch"]
         preflight = {"argv": [paths["python"], paths["train"], "--preflight"] + train_args(plan, paths),

@@ -1,10 +1,12 @@
 """The files a run's hosts read, rendered from the one plan (pure; the dsfleet_render action writes them).
 
     files(plan) -> {"plan.json", "hostfile", "ds_config.json", ".deepspeed_env", "replicas.json": text}
+    node_scripts(plan, bundle_b64) -> {"nodes/<host>.sh": text}: each host's part started by hand
 """
 from __future__ import annotations
 
 import json
+import shlex
 
 FILES = ("plan.json", "hostfile", "ds_config.json", ".deepspeed_env", "replicas.json")
 
@@ -40,3 +42,59 @@ def files(plan):
 def started(plan):
     """started.json: the layout whose ranks started; a later resume on another layout converts the checkpoint."""
     return _json(plan["layout"])
+
+
+# the script's own unpacking of the bundle it carries (the same layout launch.yml's staging unpacks)
+_UNPACK = ("import base64, io, sys, tarfile; "
+           "tar = tarfile.open(fileobj=io.BytesIO(base64.b64decode(sys.stdin.read()))); "
+           "tar.extractall(sys.argv[1], **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))")
+
+
+def node_script(plan, host, bundle_b64):
+    """runs/<id>/nodes/<host>.sh: on ``host``, by hand, exactly the DeepSpeed launcher the ansible launcher starts
+    there (its node rank, the master's address and port, the environment, the working directory), after
+    unpacking the code and the run's files it carries. For hosts the controller cannot reach over SSH."""
+    q = shlex.quote
+    paths, proc = host["paths"], host["node_process"]
+    master = plan["hosts"][0]
+    lines = [
+        "#!/bin/sh",
+        "# dsfleet run %s: node %d of %d, %s (%s): %d rank(s), %s, %s." % (
+            plan["run_id"], host["node_rank"], plan["nodes"], host["name"], host["address"], host["slots"],
+            plan["accelerator"], plan["precision"]),
+        "# Starts on this host exactly what launch.yml's ansible launcher starts here, for starting the run by hand.",
+        "# Copy it to %s and run it there (sh %s.sh); run every host's script (nodes/*.sh), in any order: the" % (
+            host["name"], host["name"]),
+        "# master, %s (%s:%d), waits for the others. Ctrl-C stops this node; the other nodes then stop too." % (
+            master["name"], plan["master"]["address"], plan["master"]["port"]),
+        "# It needs the dsfleet python environment at %s (setup.yml, or as setup.yml builds it)." % paths["venv"],
+        "set -eu",
+        "if [ ! -x %s ]; then" % q(paths["python"]),
+        "  echo %s >&2" % q("%s.sh: no dsfleet python environment at %s; run setup.yml for this host first (or "
+                           "build it as roles/python_env does)" % (host["name"], paths["venv"])),
+        "  exit 2",
+        "fi",
+    ]
+    for item in host.get("inputs") or []:
+        if item.get("hub"):
+            fix = ("download it there first: %s/bin/hf download %s --revision %s --local-dir %s"
+                   % (paths["venv"], item["hub"], item["revision"], item["dest"]))
+        else:
+            fix = "copy %s from the controller to %s first" % (item["src"], item["dest"])
+        lines += ["if [ ! -e %s ]; then" % q(item["dest"]),
+                  "  echo %s >&2" % q("%s.sh: the %s is not at %s: %s" % (host["name"], item["name"], item["dest"], fix)),
+                  "  exit 2",
+                  "fi"]
+    lines += [
+        "# the training module, the supervisor and the run's files (plan.json, hostfile, ds_config.json, ...)",
+        "%s -c %s %s <<'DSFLEET_BUNDLE'" % (q(paths["python"]), q(_UNPACK), q(paths["home"])),
+    ]
+    lines += [bundle_b64[i:i + 100] for i in range(0, len(bundle_b64), 100)]
+    lines += ["DSFLEET_BUNDLE", "cd %s" % q(proc["cwd"])]
+    lines += ["export %s=%s" % (k, q(str(v))) for k, v in sorted(proc["env"].items())]
+    lines += ["exec " + " ".join(q(a) for a in proc["argv"])]
+    return "\n".join(lines) + "\n"
+
+
+def node_scripts(plan, bundle_b64):
+    return {"nodes/%s.sh" % h["name"]: node_script(plan, h, bundle_b64) for h in plan["hosts"]}

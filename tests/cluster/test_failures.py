@@ -185,6 +185,40 @@ def test_pdsh_from_a_master_that_is_not_the_first_host(cluster, tmp_path):
             assert (proc.returncode, proc.stdout.strip()) == (0, dst), (src, dst, proc.stderr)
 
 
+def test_the_per_node_scripts_started_by_hand_reproduce_the_run(cluster, tmp_path):
+    """runs/<id>/nodes/<host>.sh of a dry run, copied to each host and run there by hand (no Ansible, no ssh from
+    host to host), train the same steps with the same losses as launch.yml does with the same knobs."""
+    def losses(path):
+        return [(r["step"], r["loss"]) for r in map(json.loads, path.read_text().splitlines()) if r["event"] == "step"]
+
+    knobs = dict(max_steps=6, log_every=1, seed=7)
+    dry, by_hand, _ = launch(cluster, tmp_path, dry_run=True, **knobs)
+    assert dry.rc == 0, dry.stdout[-3000:]
+    scripts = sorted(p.name for p in (RUNS / by_hand / "nodes").iterdir())
+    assert scripts == ["h1.sh", "h2.sh", "h3.sh"], scripts
+    for host in cluster.names:
+        (home(cluster, host) / "node.sh").write_text((RUNS / by_hand / "nodes" / ("%s.sh" % host)).read_text())
+    runs = {}
+
+    def start(host):
+        runs[host] = cluster.run_in(host, ["sh", "/root/node.sh"], timeout=900)
+
+    threads = [threading.Thread(target=start, args=(h,)) for h in reversed(cluster.names)]   # the master last
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert {h: r.returncode for h, r in runs.items()} == {h: 0 for h in cluster.names}, \
+        {h: r.stderr[-1500:] for h, r in runs.items()}
+    mine = losses(home(cluster, "h1") / ".dsfleet" / "runs" / by_hand / "out" / "metrics.jsonl")
+    result, run_id, _ = launch(cluster, tmp_path, **knobs)
+    assert result.rc == 0, result.stdout[-3000:]
+    theirs = losses(RUNS / run_id / "metrics.jsonl")
+    assert [s for s, _ in mine] == [s for s, _ in theirs] == list(range(1, 7)), (mine, theirs)
+    assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(mine, theirs)), (mine, theirs)
+    assert {h: training_pids(cluster, h) for h in cluster.names} == {h: [] for h in cluster.names}
+
+
 def operate(rig, tmp_path, playbook, run_id, **extra):
     env = {"ANSIBLE_SSH_CONTROL_PATH_DIR": str(tmp_path / "cp")}
     return run_playbook(playbook, dict(run_id=run_id, **extra), inventory=rig.inventory, envvars=env)

@@ -42,10 +42,15 @@ def hub(train_python, tmp_path_factory):
         srv.server_close()
 
 
-def launch(endpoint, tmp_path, **knobs):
+TOKEN = "hf_dsfleetTestToken0123456789"
+
+
+def launch(endpoint, tmp_path, token=None, **knobs):
     run_id = "hub-%s" % uuid.uuid4().hex[:6]
     # an empty HF_HOME: neither the controller nor the host has the model in a hub cache
     env = {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf"), "NO_PROXY": "127.0.0.1"}
+    if token:
+        env["HF_TOKEN"] = token
     result = run_playbook("launch.yml", dict({"run_id": run_id, "max_steps": 3, "cpu_ranks": 1, "block_size": 32},
                                              **knobs), envvars=env)
     return result, run_id
@@ -53,8 +58,15 @@ def launch(endpoint, tmp_path, **knobs):
 
 def test_a_hub_model_is_downloaded_once_sized_and_trained(hub, tmp_path):
     srv, repo, endpoint = hub
-    result, run_id = launch(endpoint, tmp_path, model="fake-org/tiny-llama")
+    result, run_id = launch(endpoint, tmp_path, token=TOKEN, model="fake-org/tiny-llama")
     assert result.rc == 0, result.stdout[-5000:]
+    # the controller's token reached the hub with every request of the master (config.json and the download),
+    # through a 0600 file on the master, never through the run's files or the play's output
+    assert srv.tokens and all(token == TOKEN for _, token in srv.tokens if "/api/agent" not in _), srv.tokens
+    token_file = HOME / "hf_token"
+    assert token_file.read_text() == TOKEN and (token_file.stat().st_mode & 0o777) == 0o600
+    assert TOKEN not in result.stdout
+    assert not [p for p in (RUNS / run_id).rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
     folder = HOME / "inputs" / "hub" / "fake-org--tiny-llama--main"
     assert "model fake-org/tiny-llama@main: from the hub, downloaded once on the master localhost into %s" % folder \
         in result.stdout

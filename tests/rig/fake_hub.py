@@ -111,6 +111,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_request(self, code="-", size="-"):
         line = f"{self.command} {self.path} {code}"
         self.server.requests.append(line)
+        # the bearer token the request carried (tests check that a token reaches the hub): (line, token or None)
+        auth = self.headers.get("Authorization") or ""
+        self.server.tokens.append((line, auth[7:] if auth.startswith("Bearer ") else None))
         if self.server.log is not None:
             with self.server.log_lock:  # one write per line: threads must not interleave
                 self.server.log.write(f"fake_hub: {line}\n")
@@ -244,6 +247,7 @@ class FakeHub(http.server.ThreadingHTTPServer):
 
     def __init__(self, root: str, host: str, port: int, log=sys.stderr):
         self.root, self.log, self.requests, self.log_lock = os.path.abspath(root), log, [], threading.Lock()
+        self.tokens = []
         super().__init__((host, port), Handler)
 
 

@@ -123,8 +123,7 @@ def test_launch_tasks_run_only_the_plans_commands():
         for key in ("argv", "environment", "chdir"):
             for value in re.findall(r"^\s*%s:\s*(.*)$" % key, text, re.M):
                 # the hub download's secrets: from the controller's environment, never written into the plan
-                if key == "environment" and value.strip() == (
-                        '"{{ [\'HF_TOKEN\', \'HF_ENDPOINT\'] | dsfleet_controller_env }}"'):
+                if key == "environment" and value.strip() == '"{{ __launch_me.paths.home | dsfleet_hub_env }}"':
                     continue
                 # the resume gather's command is the pure resume_source's, built from the plan's commands
                 assert re.fullmatch(r'"\{\{ (__launch_me\.commands\.\w+\.(argv|env|cwd)|__launch_(resume|export)\.argv) \}\}"',

@@ -663,3 +663,58 @@ def test_a_host_whose_gpus_have_no_driver_is_left_out_with_the_reason_never_a_cp
     assert [h["name"] for h in q["hosts"]] == ["a", "mixed"]
     assert any(w.startswith("mixed: 1 AMD GPU present (lspci: Aldebaran/MI200 [Instinct MI210]), no driver: amd-smi "
                             "and rocm-smi not found; those GPUs are not used") for w in q["warnings"]), q["warnings"]
+
+
+def test_each_hosts_script_starts_by_hand_what_the_ansible_launcher_starts_there(tmp_path):
+    """runs/<id>/nodes/<host>.sh (render.node_scripts): the same argv, environment and directory as the plan's
+    per-node process, after unpacking the bundle it carries; also for a pdsh plan, whose hosts get one each."""
+    import shlex
+    import subprocess
+
+    from dsfleet_core import render
+    for launcher in ("ansible", "pdsh"):
+        plan = P.make_plan([host(n, 11 + i, [A100(0), A100(1)]) for i, n in enumerate("abc")],
+                           {"max_steps": 10, "run_id": "r", "launcher": launcher, "dataset": "/data/c.jsonl"},
+                           None, None, {"dataset": {"path": "/data/c.jsonl", "dir": False}})
+        scripts = render.node_scripts(plan, "QUJD" * 60)
+        assert sorted(scripts) == ["nodes/a.sh", "nodes/b.sh", "nodes/c.sh"]
+        for h in plan["hosts"]:
+            text = scripts["nodes/%s.sh" % h["name"]]
+            proc = h["node_process"]
+            assert proc["argv"][proc["argv"].index("--node_rank") + 1] == str(h["node_rank"])
+            assert "--no_ssh" in proc["argv"] and "--launcher" not in proc["argv"]
+            if launcher == "ansible":
+                assert proc["argv"] == h["process"]["argv"] and proc["env"] == h["process"]["env"]
+            assert text.splitlines()[-1] == "exec " + " ".join(shlex.quote(a) for a in proc["argv"])
+            assert ["export %s=%s" % (k, shlex.quote(str(v))) for k, v in sorted(proc["env"].items())] == [
+                ln for ln in text.splitlines() if ln.startswith("export ")]
+            assert "cd %s" % proc["cwd"] in text.splitlines()
+            assert "copy /data/c.jsonl from the controller to %s first" % h["paths"]["inputs"]["dataset"] in text
+            assert "".join(text.split("<<'DSFLEET_BUNDLE'\n")[1].split("\nDSFLEET_BUNDLE")[0].split()) == "QUJD" * 60
+            path = tmp_path / ("%s-%s.sh" % (launcher, h["name"]))
+            path.write_text(text)
+            assert subprocess.run(["sh", "-n", str(path)]).returncode == 0          # the shell parses it
+            # run where there is no venv: it says what to do and starts nothing
+            ran = subprocess.run(["sh", str(path)], capture_output=True, text=True)
+            assert ran.returncode == 2 and "no dsfleet python environment at /home/u/.dsfleet/venv; run setup.yml" \
+                in ran.stderr
+        assert "node 1 of 3, b (10.1.0.12): 2 rank(s), nvidia, bf16" in scripts["nodes/b.sh"]
+
+
+def test_the_render_action_writes_the_scripts_with_the_same_bytes_and_drops_those_of_hosts_gone(tmp_path):
+    import os
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root / "action_plugins"))
+    import dsfleet_render
+    code, node = str(root / "train"), str(root / "roles" / "launch" / "files" / "dsfleet_node.py")
+    three = _three()
+    written = dsfleet_render.write(str(tmp_path), three, code=code, node=node)
+    assert {"nodes/a.sh", "nodes/b.sh", "nodes/c.sh", "plan.json"} <= set(written)
+    assert os.access(tmp_path / "nodes" / "a.sh", os.X_OK) and not (tmp_path / "nodes" / "bundle.tar.gz").exists()
+    assert dsfleet_render.write(str(tmp_path), three, code=code, node=node) == []     # the same bytes: nothing
+    two = P.make_plan([host("a", 11, [A100(0), A100(1)]), host("b", 12, [A100(0), A100(1)])],
+                      {"max_steps": 10, "run_id": "r"})
+    written = dsfleet_render.write(str(tmp_path), two, code=code, node=node)
+    assert "nodes/c.sh" in written and sorted(p.name for p in (tmp_path / "nodes").iterdir()) == ["a.sh", "b.sh"]
+    assert "node 1 of 2, b" in (tmp_path / "nodes" / "b.sh").read_text()

@@ -742,7 +742,8 @@ def _same_content(a, b):
 def _hub_error(exc, repo, revision, endpoint):
     """What a user does about a failed download (by the hub client's exception class: no import needed)."""
     kind = type(exc).__name__
-    token = "" if os.environ.get("HF_TOKEN") else " (HF_TOKEN is not set in the controller's environment)"
+    token = "" if os.environ.get("HF_TOKEN") or os.environ.get("HF_TOKEN_PATH") else (
+        " (HF_TOKEN is not set in the controller's environment)")
     if kind == "GatedRepoError" or (getattr(getattr(exc, "response", None), "status_code", 0) in (401, 403)):
         return ("%s is gated or private%s: accept its licence on the hub with your account and run the play with "
                 "HF_TOKEN=<your token> in the controller's environment" % (repo, token))
@@ -813,6 +814,7 @@ def cmd_hub(args):
     import threading
     dest, start = os.path.abspath(args.dest), time.time()
     os.makedirs(os.path.dirname(dest), exist_ok=True)
+    before = _read_json(os.path.join(dest, HUB_MANIFEST))
     try:
         commit, source = _hub_download(args.repo, args.revision, dest)
     except RuntimeError as exc:
@@ -828,24 +830,29 @@ def cmd_hub(args):
     results = {}
 
     def one(target):
-        have = subprocess.run(SSH + [target["address"], "cat " + shlex.quote(target["dest"] + "/" + HUB_MANIFEST)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            theirs = json.loads(have.stdout) if have.returncode == 0 else None
-        except ValueError:
-            theirs = None
-        if _same_content(theirs, manifest):
-            results[target["name"]] = {"sent": False, "ok": True}
-            return
-        t0 = time.time()
-        ok, tail = _ship_dir(dest, target["address"], target["dest"])
-        results[target["name"]] = {"sent": True, "ok": ok, "seconds": round(time.time() - t0, 1), "error": tail}
+            have = subprocess.run(SSH + [target["address"], "cat " + shlex.quote(target["dest"] + "/" + HUB_MANIFEST)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                theirs = json.loads(have.stdout) if have.returncode == 0 else None
+            except ValueError:
+                theirs = None
+            if isinstance(theirs, dict) and _same_content(theirs, manifest):
+                results[target["name"]] = {"sent": False, "ok": True}
+                return
+            t0 = time.time()
+            ok, tail = _ship_dir(dest, target["address"], target["dest"])
+            results[target["name"]] = {"sent": True, "ok": ok, "seconds": round(time.time() - t0, 1), "error": tail}
+        except Exception as exc:  # noqa: BLE001 - a target that could not be served is a failure, never a success
+            results[target["name"]] = {"sent": True, "ok": False, "error": ["%s: %s" % (type(exc).__name__, exc)]}
 
     threads = [threading.Thread(target=one, args=(t,)) for t in json.loads(args.targets)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    for target in json.loads(args.targets):
+        results.setdefault(target["name"], {"sent": True, "ok": False, "error": ["no result"]})
     failed = {n: r for n, r in results.items() if not r["ok"]}
     errors = ["sending %s to %s failed: %s" % (args.repo, name, " ".join(r["error"]) or "ssh failed")
               for name, r in sorted(failed.items())]
@@ -859,6 +866,7 @@ def cmd_hub(args):
         "; already on " + ", ".join(there) if there else "")
     print(json.dumps({"repo": args.repo, "revision": args.revision, "commit": commit, "source": source,
                       "text": text, "error": "; ".join(errors) or None,
+                      "updated": not (isinstance(before, dict) and _same_content(before, manifest)),
                       "files": len(manifest["files"]), "mib": round(size / 2 ** 20, 1),
                       "download_seconds": round(downloaded, 1),
                       "sent_to": sent, "already_there": there,
