@@ -49,6 +49,8 @@ def cluster(tmp_path_factory):
     try:
         result = run_playbook("setup.yml", VARS, inventory=rig.inventory)
         assert result.rc == 0, result.stdout[-5000:]
+        again = run_playbook("setup.yml", VARS, inventory=rig.inventory)      # idempotent: nothing to change
+        assert again.rc == 0 and again.changed == 0, (again.stats, again.stdout[-3000:])
         yield rig
     finally:
         rigmod.destroy(str(state))
@@ -217,6 +219,11 @@ def test_the_per_node_scripts_started_by_hand_reproduce_the_run(cluster, tmp_pat
     assert [s for s, _ in mine] == [s for s, _ in theirs] == list(range(1, 7)), (mine, theirs)
     assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(mine, theirs)), (mine, theirs)
     assert {h: training_pids(cluster, h) for h in cluster.names} == {h: [] for h in cluster.names}
+    # a finished run id is not trained again
+    again = run_playbook("launch.yml", dict(VARS, run_id=run_id, **knobs), inventory=cluster.inventory,
+                         envvars={"ANSIBLE_SSH_CONTROL_PATH_DIR": str(tmp_path / "cp")})
+    assert again.rc == 0 and "run %s has already finished" % run_id in again.stdout, again.stdout[-3000:]
+    assert losses(RUNS / run_id / "metrics.jsonl") == theirs
 
 
 def operate(rig, tmp_path, playbook, run_id, **extra):
@@ -401,13 +408,19 @@ def test_a_hub_model_only_the_master_can_reach_is_downloaded_once_and_shipped(cl
     on h1's own loopback, which h2 and h3 cannot reach. h1 downloads the model once through huggingface_hub,
     sends it to h2 and h3 over the ssh mesh, all three train on it; the next run sends nothing and downloads
     nothing."""
-    repo = WORK / ("hub-%s" % uuid.uuid4().hex[:6])
+    # built on h1 with its venv, in h1's own /tmp (the controller sees it under the rig's host dir; the repository
+    # itself may lie under a /tmp that h1 does not see)
+    name = "hub-%s" % uuid.uuid4().hex[:6]
+    repo = pathlib.Path(cluster.host_dir("h1", "tmp")) / name
     model = repo / "fake-org" / "tiny-llama"
     preset = ROOT / "train" / "presets" / "tiny"
+    shutil.copytree(preset, repo / "preset")
     vocab = json.loads((preset / "config.json").read_text())["vocab_size"]
-    build = cluster.run_in("h1", ["/root/.dsfleet/venv/bin/python", "-c", fake_hub.BUILD_TINY_LLAMA, str(model),
-                                  str(preset), str(vocab)], timeout=300)
+    build = cluster.run_in("h1", ["/root/.dsfleet/venv/bin/python", "-c", fake_hub.BUILD_TINY_LLAMA,
+                                  "/tmp/%s/fake-org/tiny-llama" % name, "/tmp/%s/preset" % name, str(vocab)],
+                           timeout=300)
     assert build.returncode == 0, build.stderr[-2000:]
+    shutil.rmtree(repo / "preset")
     port_file, log = tmp_path / "hub.port", tmp_path / "hub.log"
     server = subprocess.Popen(["ip", "netns", "exec", cluster.host("h1")["netns"], sys.executable,
                                str(ROOT / "tests" / "rig" / "fake_hub.py"), "--root", str(repo), "--port-file",
