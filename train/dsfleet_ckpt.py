@@ -23,7 +23,8 @@ MARKER = ".dsfleet-complete"
 TAG = re.compile(r"global_step(\d+)")
 UNIVERSAL = re.compile(r"global_step(\d+)_universal")
 REPLICAS = "checkpoint-replicas"       # beside checkpoint/ in the output dir
-RANK_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_.*\.pt")
+# DeepSpeed's ZeRO partitions, and train.py's FSDP shards (dsfleet_torch.py)
+RANK_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_.*\.pt|fsdp_rank_(\d+)\.pt")
 
 
 def tag_for(step):
@@ -81,12 +82,14 @@ def universal_steps(ckpt_dir):
     return list(_complete(ckpt_dir, UNIVERSAL))
 
 
-def usable_steps(layouts, rank, world_size, zero_stage):
-    """Steps this rank can load as they are: written by the same world (and ZeRO stage), with its shard here.
-    A marker without a layout (older dsfleet) is trusted."""
+def usable_steps(layouts, rank, world_size, zero_stage, strategy="deepspeed"):
+    """Steps this rank can load as they are: written by the same world, strategy (``deepspeed``, ``fsdp-full``,
+    ``fsdp-hybrid``, ``ddp``: train.py's layout kind) and ZeRO stage, with its shard here. A marker without a
+    layout (older dsfleet) is trusted; one without a strategy was written by DeepSpeed."""
     return [step for step, m in layouts.items()
             if "world_size" not in m or (m["world_size"] == world_size and rank in m.get("ranks", [])
-                                         and m.get("zero_stage", zero_stage) == zero_stage)]
+                                         and m.get("zero_stage", zero_stage) == zero_stage
+                                         and m.get("strategy", "deepspeed") == strategy)]
 
 
 def newest_at_most(steps, bound):
@@ -99,7 +102,7 @@ def newest_at_most(steps, bound):
 def rank_of_file(name):
     """The data-parallel rank a checkpoint file belongs to, or None for a file every rank shares."""
     match = RANK_FILE.fullmatch(name)
-    return int(match.group(1)) if match else None
+    return int(match.group(1) or match.group(2)) if match else None
 
 
 def prune(ckpt_dir, keep):

@@ -72,6 +72,7 @@ if str(HERE) not in sys.path:  # the torch-free pieces live beside this file (al
 from export_hf import save_pretrained_dir  # noqa: E402
 
 import dsfleet_tokens as TK  # noqa: E402
+import dsfleet_torch as T  # noqa: E402
 from dsfleet_ckpt import (  # noqa: E402
     complete_layouts,
     mark_complete,
@@ -120,6 +121,8 @@ PLOT_EVERY_S = 60          # redraw out/plot.png at most this often while traini
 SAVE_EVERY = 0             # intermediate checkpoint every N steps (0: only at the end)
 SAVE_EVERY_MINUTES = 30.0  # and a checkpoint whenever this many minutes passed since the last one (0: off)
 KEEP_CHECKPOINTS = 2       # complete checkpoints kept on each host (0: all)
+STRATEGY = "deepspeed"     # deepspeed | fsdp | ddp (dsfleet_torch.py: FSDP2 fully_shard, DistributedDataParallel)
+FSDP_SHARDING = "full"     # fsdp: full (over every rank) | hybrid (within a host, replicated across hosts)
 # fixed choices, not flags
 # the client AdamW, used only when a hand-written ds_config has no "optimizer" section (the plan always writes
 # one: lib/dsfleet_core/plan.py OPTIMIZER); weight decay applies to matrices only (not to norms and biases)
@@ -180,6 +183,11 @@ def parse_args(argv=None):
     p.add_argument("--replicas", default=None,
                    help="JSON list [{ranks, argv}]: after each checkpoint the host holding RANK's shards runs argv "
                         "+ [--tag TAG] (dsfleet_node.py replicate: a copy on the next host)")
+    p.add_argument("--strategy", default=STRATEGY, choices=T.STRATEGIES,
+                   help="deepspeed: the DeepSpeed engine (ZeRO from the config); fsdp: torch's FSDP2 fully_shard; "
+                        "ddp: torch's DistributedDataParallel (start with torchrun)")
+    p.add_argument("--fsdp_sharding", default=FSDP_SHARDING, choices=T.SHARDINGS,
+                   help="fsdp: shard over every rank, or within each host (replicated across hosts)")
     p.add_argument("--activation_checkpointing", action="store_true",
                    help="recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)")
     p.add_argument("--preflight", action="store_true", help="check inputs, print one JSON line, exit")
@@ -242,11 +250,12 @@ def load_config_and_tokenizer(kind, where):
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def build_model(kind, where, config, seed, precision="fp32", ds_config=None, checkpointing=False):
+def build_model(kind, where, config, seed, precision="fp32", ds_config=None, checkpointing=False, meta=False):
     """Preset: random init from the config (seeded). Otherwise: the pretrained weights. Either way in the training
     precision (a 16-bit run never holds an fp32 copy per rank) with SDPA attention; under ZeRO-3 (``ds_config``'s
     stage 3) inside deepspeed.zero.Init, through transformers' HfDeepSpeedConfig, so each rank only ever holds its
-    partition of the weights. Returns (model, the HfDeepSpeedConfig to keep alive or None)."""
+    partition of the weights. ``meta``: the structure only, from the config (the caller holds torch.device("meta");
+    FSDP's ranks but the first). Returns (model, the HfDeepSpeedConfig to keep alive or None)."""
     import torch
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
@@ -255,7 +264,7 @@ def build_model(kind, where, config, seed, precision="fp32", ds_config=None, che
     if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
         keep = HfDeepSpeedConfig(ds_config)  # transformers holds a weak reference: alive while the model is used
-    if kind == "preset":
+    if kind == "preset" or meta:
         build, build_args = AutoModelForCausalLM.from_config, (config,)
         options = {"dtype": dtype}
     else:
@@ -280,7 +289,8 @@ def peak_rss_mib():
 
 
 def parameter_count(model):
-    """Every parameter, also when ZeRO-3 holds only a partition of it here (ds_numel: the whole tensor's size)."""
+    """Every parameter, also when ZeRO-3 holds only a partition of it here (ds_numel: the whole tensor's size; an
+    FSDP DTensor's numel is the whole tensor's too)."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
@@ -530,24 +540,50 @@ def training_function(args):
 
     import datetime
 
-    import deepspeed
     import torch
     import torch.distributed as dist
 
-    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=DIST_TIMEOUT_S))
+    strategy = args.strategy
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # DeepSpeed's launcher sets LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE
+    local_size = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or "1")
+    if strategy == "deepspeed":
+        import deepspeed
+        deepspeed.init_distributed(timeout=datetime.timedelta(seconds=DIST_TIMEOUT_S))
+        from deepspeed.accelerator import get_accelerator
+        device = torch.device(get_accelerator().device_name(local_rank))
+        layout_kind = "deepspeed"
+    else:
+        check_torch_strategy(args, ds_config, s)
+        device = T.device_for(local_rank)
+        T.init_distributed(DIST_TIMEOUT_S, device)
+        layout_kind = strategy + ("-" + args.fsdp_sharding if strategy == "fsdp" else "")
     out = Path(args.output_dir)
     ckpt_dir, export_dir = out / "checkpoint", out / "export"
     out.mkdir(parents=True, exist_ok=True)
-    model, _zero3_config = build_model(kind, where, config, args.seed, s["precision"], ds_config,
-                                       args.activation_checkpointing)
+    wrap = {}
+    if strategy == "deepspeed":
+        model, _zero3_config = build_model(kind, where, config, args.seed, s["precision"], ds_config,
+                                           args.activation_checkpointing)
+        wrapped = None
+    else:
+        def build(meta):  # fp32: the optimizer's master weights; 16-bit compute comes from the strategy
+            return build_model(kind, where, config, args.seed, "fp32", None, args.activation_checkpointing,
+                               meta=meta)[0]
+        try:
+            if strategy == "fsdp":
+                model, wrap = T.build_fsdp(build, device, s["precision"], args.fsdp_sharding, local_size, rank)
+                wrapped = model
+            else:
+                model, wrapped = T.build_ddp(build, device)
+        except ValueError as e:
+            fail(str(e), "Use -e strategy=deepspeed, or a model transformers builds with decoder layers")
     n_params = parameter_count(model)
-    # what this rank holds right after building it: its ZeRO-3 partition under zero.Init, else the whole model
-    params_here = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    # what this rank holds right after building it: its ZeRO-3 partition under zero.Init or its FSDP shard, else
+    # the whole model
+    params_here = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else
+                      p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
     load_peak_rss_mib = peak_rss_mib()
-
-    from deepspeed.accelerator import get_accelerator
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(get_accelerator().device_name(local_rank))
 
     def agree(value, op):
         # every rank contributes; on the accelerator, since NCCL/RCCL/XCCL reduce only device tensors
@@ -567,27 +603,34 @@ def training_function(args):
     resume_tag = None
     if args.resume:
         # no shared filesystem: each host has its own shards; a tag written by another world is loaded from its
-        # universal conversion (the launcher makes one when the hosts change)
-        exact = common_step(usable_steps(complete_layouts(ckpt_dir), rank, world_size, s["zero_stage"]))
-        universal = common_step(universal_steps(ckpt_dir))
+        # universal conversion (the launcher makes one when the hosts change; DeepSpeed only)
+        exact = common_step(usable_steps(complete_layouts(ckpt_dir), rank, world_size, s["zero_stage"], layout_kind))
+        universal = common_step(universal_steps(ckpt_dir)) if strategy == "deepspeed" else -1
         if exact >= 0 and exact >= universal:
             resume_tag = tag_for(exact)
         elif universal >= 0:
             resume_tag = universal_tag_for(universal)
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
         else:
-            print0(f"no checkpoint in {ckpt_dir} complete on every rank for {world_size} rank(s); starting from step 0")
+            print0(f"no checkpoint in {ckpt_dir} complete on every rank for {world_size} rank(s) ({layout_kind}); "
+                   "starting from step 0")
 
     optimizer = scheduler = None
     groups = param_groups(model, s["weight_decay"] if s["has_optimizer"] else WEIGHT_DECAY)
-    if not s["has_optimizer"]:  # a hand-written config without an optimizer: client AdamW, no op to compile
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=BETAS)
-    if not s["has_scheduler"]:
-        def scheduler(opt):
-            return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps, total_steps))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-        model_parameters=None if optimizer else groups)
+    if strategy != "deepspeed":
+        engine = T.TorchEngine(strategy, model, wrapped, torch_optimizer(groups, ds_config, args, device),
+                               None, device, s["grad_accum"], float(ds_config.get("gradient_clipping") or 0),
+                               s["precision"], rank, local_rank, args.fsdp_sharding if strategy == "fsdp" else None)
+        engine.scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lr_lambda(args.warmup_steps, total_steps))
+    else:
+        if not s["has_optimizer"]:  # a hand-written config without an optimizer: client AdamW, no op to compile
+            optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=BETAS)
+        if not s["has_scheduler"]:
+            def scheduler(opt):
+                return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps, total_steps))
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            model_parameters=None if optimizer else groups)
 
     start_step = 0
     if resume_tag:
@@ -601,7 +644,6 @@ def training_function(args):
     heartbeat = out / "heartbeat" / f"rank-{rank}"
     heartbeat.parent.mkdir(parents=True, exist_ok=True)
 
-    local_size = int(os.environ.get("LOCAL_SIZE", "1"))
     host_ranks = list(range(rank - local_rank, rank - local_rank + local_size))
     replicas = Replicas(args.replicas, rank) if local_rank == 0 else None
 
@@ -613,7 +655,7 @@ def training_function(args):
         dist.barrier()  # every rank of every host has written its part
         if replicas is not None:
             mark_complete(ckpt_dir, tag, {"step": at_step, "world_size": world_size, "ranks": host_ranks,
-                                          "zero_stage": s["zero_stage"]})
+                                          "zero_stage": s["zero_stage"], "strategy": layout_kind})
             prune(ckpt_dir, args.keep_checkpoints)
             replicas.send(tag, final)
         return tag
@@ -657,15 +699,18 @@ def training_function(args):
 
     metrics = Metrics(out / "metrics.jsonl", enabled=rank == 0, tensorboard=not args.no_tensorboard,
                       plot_every_s=args.plot_every_s)
-    metrics.write("start", world_size=world_size, model=args.model, params=n_params, block_size=args.block_size,
+    metrics.write("start", world_size=world_size, strategy=strategy, **({"fsdp": {
+                      "sharding": args.fsdp_sharding, **wrap}} if strategy == "fsdp" else {}),
+                  model=args.model, params=n_params, block_size=args.block_size,
                   micro_batch=s["micro_batch"], grad_accum=s["grad_accum"], precision=s["precision"],
                   zero_stage=s["zero_stage"], start_step=start_step, total_steps=total_steps,
                   params_here=params_here,
                   activation_checkpointing=bool(getattr(model, "is_gradient_checkpointing", False)),
                   load_peak_rss_mib=load_peak_rss_mib, data_format=token_cache["format"], token_cache=token_cache,
                   eval_blocks=evaluation.n if evaluation is not None else 0)
+    how = f"ZeRO {s['zero_stage']}" if strategy == "deepspeed" else layout_kind.upper().replace("-", " ")
     print0(f"training {args.model} ({n_params / 1e6:.2f}M params) on {world_size} rank(s): steps {start_step}..{total_steps}, "
-           f"{s['precision']}, ZeRO {s['zero_stage']}, {data.n} blocks of {args.block_size} ({token_cache['format']})"
+           f"{s['precision']}, {how}, {data.n} blocks of {args.block_size} ({token_cache['format']})"
            + (f", {evaluation.n} held for eval" if evaluation is not None else ""))
 
     tokens_per_step = s["micro_batch"] * s["grad_accum"] * world_size * args.block_size
@@ -770,11 +815,59 @@ def param_groups(model, weight_decay):
 
 
 def export(engine, tokenizer, export_dir, zero_stage, rank):
-    """save_pretrained on rank 0; under ZeRO-3 every rank first helps gather the full weights."""
+    """save_pretrained on rank 0; under ZeRO-3 and FSDP every rank first helps gather the full weights. FSDP and
+    DDP keep fp32 master weights: the export is in the training precision, as DeepSpeed's is."""
+    if isinstance(engine, T.TorchEngine):
+        import torch
+        state_dict = engine.full_state_dict()
+        if rank != 0:
+            return
+        state_dict = state_dict if state_dict is not None else engine.module.state_dict()
+        dtype = getattr(torch, T.DTYPES.get(engine.precision, "float32"))
+        state_dict = {k: v.detach().to("cpu", dtype=dtype) if v.is_floating_point() else v.cpu()
+                      for k, v in state_dict.items()}
+        save_pretrained_dir(engine.module, tokenizer, export_dir, state_dict)
+        # save_pretrained names the module's dtype (fp32 master weights); the files hold the training precision
+        config_file = Path(export_dir) / "config.json"
+        written = json.loads(config_file.read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in written:
+                written[key] = str(dtype).replace("torch.", "")
+        config_file.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
+        return
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
     if rank != 0:
         return
     save_pretrained_dir(engine.module, tokenizer, export_dir, state_dict)  # export_hf.py writes the same way
+
+
+def check_torch_strategy(args, ds_config, s):
+    """What a hand-written config may hold that FSDP and DDP cannot honour: ZeRO, offload, a DeepSpeed scheduler."""
+    if s["zero_stage"] or ds_config.get("zero_optimization", {}).get("offload_optimizer"):
+        fail(f"--strategy {args.strategy} with zero_optimization (stage {s['zero_stage']}) in the config: ZeRO is "
+             "DeepSpeed's", "Set \"zero_optimization\": {\"stage\": 0} (FSDP shards by --fsdp_sharding), or use "
+             "--strategy deepspeed")
+    if s["has_scheduler"]:
+        fail(f"--strategy {args.strategy} with a \"scheduler\" section: DeepSpeed's schedulers run only in its engine",
+             "Drop the scheduler section (the linear warmup/decay of --warmup_steps is used), or use --strategy deepspeed")
+    optimizer = ds_config.get("optimizer")
+    if optimizer and optimizer.get("type", "").lower() not in ("adamw", "adam"):
+        fail(f"--strategy {args.strategy} with optimizer {optimizer.get('type')}: only AdamW is built for it",
+             "Set \"optimizer\": {\"type\": \"AdamW\", ...}, or use --strategy deepspeed")
+
+
+def torch_optimizer(groups, ds_config, args, device):
+    """torch's AdamW with the config's settings (the plan's lr, betas, eps; weight decay per group), fused where
+    this torch fuses it for the device (CUDA, XPU, CPU since 2.4), which updates in place."""
+    import torch
+    params = dict((ds_config.get("optimizer") or {}).get("params") or {})
+    lr = params.get("lr", args.lr)
+    kwargs = {"lr": lr if isinstance(lr, (int, float)) else args.lr, "betas": tuple(params.get("betas", BETAS)),
+              "eps": params.get("eps", 1e-8)}
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, **kwargs)
 
 
 REPLICA_WAIT_S = 300  # at the end (or a stop) the last checkpoint's copy to the next host may take this long

@@ -24,7 +24,7 @@ from . import PlanError
 
 GROUPS = (
     ("train", "What to train"),
-    ("deepspeed", "How DeepSpeed runs it"),
+    ("deepspeed", "How the ranks share the model (DeepSpeed, FSDP, DDP)"),
     ("hosts", "Which hosts and devices"),
     ("run", "How the run is started and watched"),
     ("export", "Exporting a checkpoint (playbooks/export.yml)"),
@@ -109,6 +109,13 @@ KNOB_LIST = (
     Knob("resume", str, "", "train", "a run id: continue that run from its newest checkpoint (same layout: exactly "
          "where it stopped; a host gone or added, other slots: through a universal checkpoint gathered from the "
          "hosts' shards and their copies)", shown="none"),
+    Knob("strategy", str, "deepspeed", "deepspeed", "`deepspeed`: DeepSpeed's engine and ZeRO; `fsdp`: torch's FSDP2 "
+         "(`fully_shard` per decoder layer); `ddp`: torch's DistributedDataParallel, for models that fit whole on "
+         "each device (the plan refuses it otherwise). fsdp and ddp start with `torchrun` on every host",
+         choices=("deepspeed", "fsdp", "ddp")),
+    Knob("fsdp_sharding", str, "auto", "deepspeed", "strategy=fsdp: `full` shards over every rank; `hybrid` within "
+         "each host, replicated across hosts (less traffic between hosts; needs the same ranks on every host); "
+         "`auto`: hybrid when the model fits one host's shards, else full", choices=("auto", "full", "hybrid")),
     Knob("zero_stage", int, 2, "deepspeed", "ZeRO stage; unset: the least sharded that fits the model on the "
          "smallest device (2, then 3; CPU ranks: 2; 2 when the model is not sized)", choices=(0, 1, 2, 3), shown="auto (2)"),
     Knob("offload", str, "none", "deepspeed", "`cpu`: optimizer states on the CPU (DeepSpeed's CPU Adam, same "
@@ -131,8 +138,9 @@ KNOB_LIST = (
          maximum=65535),
     Knob("extra_env", dict, {}, "hosts", "extra environment for every rank, e.g. "
          "`-e '{\"extra_env\": {\"NCCL_DEBUG\": \"INFO\"}}'`"),
-    Knob("launcher", str, "ansible", "run", "`ansible`: Ansible starts `deepspeed --no_ssh --node_rank N` on every "
-         "host and watches each; `pdsh`: DeepSpeed's own multi-node runner from the master",
+    Knob("launcher", str, "ansible", "run", "`ansible`: Ansible starts `deepspeed --no_ssh --node_rank N` (fsdp, "
+         "ddp: `torchrun --node_rank N`) on every host and watches each; `pdsh`: DeepSpeed's own multi-node runner "
+         "from the master (strategy=deepspeed)",
          choices=("ansible", "pdsh")),
     Knob("follow", bool, True, "run", "follow the run until it ends; `false`: return once every host's ranks started "
          "(then `playbooks/status.yml`, `follow.yml`, `stop.yml` with `-e run_id=...`)"),

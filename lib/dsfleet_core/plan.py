@@ -232,6 +232,8 @@ def _sizing(k, given, config, plan_hosts, records, precision, accelerator):
     except (SH.ShapeError, KeyError, TypeError, ValueError) as exc:
         return {"known": False, "note": "not sized: %s" % exc}, unsized
     kind = "cpu" if accelerator == "cpu" else "gpu"
+    if k["strategy"] != "deepspeed":
+        return _torch_sizing(k, given, shape, plan_hosts, records, precision, kind, micros, accum_of)
     per_host = max(h["slots"] for h in plan_hosts)
     nodes = len(plan_hosts)
     smallest = min(plan_hosts, key=lambda h: h["memory_mib"])
@@ -324,6 +326,85 @@ def _sizing(k, given, config, plan_hosts, records, precision, accelerator):
     return out, choice
 
 
+def fsdp_shardings(k, plan_hosts):
+    """The FSDP shardings to try, least traffic between hosts first: hybrid (within a host) only on several hosts
+    with the same ranks each."""
+    uniform = len(plan_hosts) > 1 and len(set(h["slots"] for h in plan_hosts)) == 1
+    if k["fsdp_sharding"] == "hybrid" and not uniform:
+        _fail("fsdp_sharding=hybrid shards within each host and replicates across hosts, which needs several hosts "
+              "with the same number of ranks (here: %s); use -e fsdp_sharding=full, or set `slots` alike"
+              % ", ".join("%s x%d" % (h["name"], h["slots"]) for h in plan_hosts))
+    if k["fsdp_sharding"] != "auto":
+        return [k["fsdp_sharding"]]
+    return ["hybrid", "full"] if uniform else ["full"]
+
+
+def _torch_sizing(k, given, shape, plan_hosts, records, precision, kind, micros, accum_of):
+    """_sizing for strategy=fsdp/ddp (sizing.torch_states): the sharding (fsdp), the micro batch and activation
+    checkpointing that fit the smallest device; ddp that does not fit stops the plan with the reason."""
+    world = sum(h["slots"] for h in plan_hosts)
+    per_host = max(h["slots"] for h in plan_hosts)
+    smallest = min(plan_hosts, key=lambda h: h["memory_mib"])
+    room = int(smallest["memory_mib"] * SZ.DEVICE_USE)
+    ram = {r["name"]: int(((r.get("gpu") or {}).get("cpu") or {}).get("memory_mib") or 0) for r in records}
+    shardings = fsdp_shardings(k, plan_hosts) if k["strategy"] == "fsdp" else [None]
+    ckpts = [k["activation_checkpointing"]] if "activation_checkpointing" in given else [False, True]
+    considered, chosen = [], None
+    for sharding in shardings:
+        shard = per_host if sharding == "hybrid" else world
+        for ckpt in ckpts:
+            for micro in micros:
+                n = SZ.need(shape, 0, "none", micro, k["block_size"], precision, world, per_host, len(plan_hosts),
+                            kind, checkpointing=ckpt, strategy=k["strategy"], shard=shard)
+                short = [h["name"] for h in plan_hosts
+                         if ram.get(h["name"]) and SZ.mib(n["host"]) > ram[h["name"]] * SZ.DEVICE_USE]
+                why = ("needs %d MiB per device, over the %d MiB a plan may use of the smallest" % (SZ.mib(n["device"]), room)
+                       if SZ.mib(n["device"]) > room else
+                       "needs %d MiB of host memory on %s" % (SZ.mib(n["host"]), ", ".join(short)) if short else None)
+                row = {"strategy": k["strategy"], "fsdp_sharding": sharding, "zero_stage": 0, "offload": "none",
+                       "micro_batch": micro, "activation_checkpointing": ckpt, "device_mib": SZ.mib(n["device"]),
+                       "host_mib": SZ.mib(n["host"]), "rejected": why}
+                considered.append(row)
+                if why is None:
+                    chosen = (row, n)
+                    break
+            if chosen:
+                break
+        if chosen:
+            break
+    what = "%s parameters (%s), %s%s, %s" % ("{:,}".format(shape["params"]), shape["family"], k["strategy"].upper(),
+                                              " (%s sharding)" % shardings[-1] if shardings[-1] else "", precision)
+    if chosen is None:
+        last = considered[-1]
+        fix = ("-e strategy=fsdp (sharded over the ranks) or -e strategy=deepspeed (ZeRO, offload)"
+               if k["strategy"] == "ddp" else "-e strategy=deepspeed (ZeRO-3 with CPU offload), more devices")
+        _fail("the model does not fit: %s, micro batch %d x %d tokens %s%s: DDP keeps the whole model, its gradients "
+              "and AdamW's states (16 bytes a parameter) on every device. Use %s" % (
+                  what, last["micro_batch"], k["block_size"], last["rejected"],
+                  " even with activation checkpointing" if last["activation_checkpointing"] else "", fix)
+              if k["strategy"] == "ddp" else
+              "the model does not fit: %s, micro batch %d x %d tokens %s. Use %s, or a shorter block_size"
+              % (what, last["micro_batch"], k["block_size"], last["rejected"], fix))
+    row, n = chosen
+    choice = {"zero_stage": 0, "offload": "none", "micro_batch": row["micro_batch"],
+              "grad_accum": accum_of(row["micro_batch"]), "activation_checkpointing": row["activation_checkpointing"],
+              "fsdp_sharding": row["fsdp_sharding"]}
+    out = {"known": True, "family": shape["family"], "params": shape["params"], "params_active": shape["params_active"],
+           "largest_layer": shape["largest_layer"], "hidden": shape["hidden"], "strategy": k["strategy"],
+           "fsdp_sharding": row["fsdp_sharding"], "zero_stage": 0, "offload": "none",
+           "micro_batch": choice["micro_batch"], "grad_accum": choice["grad_accum"],
+           "activation_checkpointing": choice["activation_checkpointing"], "block_size": k["block_size"],
+           "precision": precision, "model_states_mib": SZ.mib(n["model_states"]),
+           "activations_mib": SZ.mib(n["activations"]), "buffers_mib": 0, "runtime_mib": SZ.mib(n["runtime"]),
+           "device_mib": SZ.mib(n["device"]), "host_mib": SZ.mib(n["host"]),
+           "smallest_device": {"host": smallest["name"], "name": smallest["device_name"],
+                               "memory_mib": smallest["memory_mib"]},
+           "fits": True, "chosen_by_plan": [name for name in ("fsdp_sharding", "micro_batch", "activation_checkpointing")
+                                            if name not in given and (name != "fsdp_sharding" or row["fsdp_sharding"])],
+           "considered": considered}
+    return out, choice
+
+
 def _link_gbps(members):
     """(Gbit/s, assumed) of the slowest link between these hosts: each host's fastest non-loopback interface speed
     from its facts; a host whose facts give none counts as ASSUMED_NETWORK_GBPS (10 GbE). (None, True) when no
@@ -393,7 +474,8 @@ def _leave_out(k, given, config, members, accelerator):
             if not str(exc).startswith("dsfleet plan: the model does not fit"):
                 return dict(row, fits=None, why=str(exc))  # not a matter of memory: not a candidate
             return dict(row, fits=False, why=str(exc).replace("dsfleet plan: ", ""))
-        est = SP.step_time(shape, choice["zero_stage"], choice["offload"], choice["micro_batch"], choice["grad_accum"],
+        # FSDP moves what ZeRO-3 moves (an all-gather more than DDP's all-reduce)
+        est = SP.step_time(shape, 3 if k["strategy"] == "fsdp" else choice["zero_stage"], choice["offload"], choice["micro_batch"], choice["grad_accum"],
                            k["block_size"], precision, choice["activation_checkpointing"], lite, link)
         return dict(row, fits=True, precision=precision, choice=choice, estimate=est,
                     tokens_per_s=(est["tokens"] / est["step"]) if est else None)
@@ -627,6 +709,8 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
                   % (seen[addr], host["name"], addr))
         seen[addr] = host["name"]
 
+    if k["strategy"] != "deepspeed":
+        _check_torch_strategy(k, given)
     if k["launcher"] == "pdsh" and len(set((h.get("home"), h.get("venv")) for h in members)) > 1:
         _fail("launcher=pdsh runs the same command line on every host, but the dsfleet paths differ (%s); set the "
               "same dsfleet_home for all hosts in group_vars, or use -e launcher=ansible"
@@ -673,6 +757,12 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
     # and the ZeRO stage, offload, micro batch and accumulation the user left unset chosen to fit
     sizing, choice = _sizing(k, given, model or None, plan_hosts, members, precision, accelerator)
     k.update(choice)
+    if k["strategy"] != "deepspeed":
+        k["zero_stage"], k["offload"] = 0, "none"
+        if k["strategy"] == "fsdp" and k["fsdp_sharding"] == "auto":  # not sized: full sharding holds the least
+            k["fsdp_sharding"] = fsdp_shardings(k, plan_hosts)[-1]
+        elif k["strategy"] == "ddp":
+            k["fsdp_sharding"] = None
 
     # DeepSpeed's --include keeps the exact device indices when a host's devices are not 0..n-1.
     include = None
@@ -722,6 +812,8 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
         "include": include,
         "env": common_env,
         "launcher": k["launcher"],
+        "strategy": k["strategy"],
+        "fsdp_sharding": k["fsdp_sharding"] if k["strategy"] == "fsdp" else None,
         "zero": {"stage": k["zero_stage"], "offload": k["offload"]},
         "batch": batch,
         "training": {
@@ -740,6 +832,7 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
                   "checkpoint_grace": k["checkpoint_grace"], "follow": k["follow"]},
         "dry_run": k["dry_run"],
         "layout": {"world_size": world, "global_batch": batch["global"], "zero_stage": k["zero_stage"],
+                   "strategy": k["strategy"], "fsdp_sharding": k["fsdp_sharding"] if k["strategy"] == "fsdp" else None,
                    "hosts": layout_hosts},
         "resume": resume,
         "knobs": dict(k),  # what the plan was computed from; a resumed run starts from these
@@ -757,11 +850,34 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
 
 
 
+def _check_torch_strategy(k, given):
+    """What strategy=fsdp/ddp cannot take: ZeRO and offload are DeepSpeed's, and so is the pdsh runner."""
+    if k["launcher"] == "pdsh":
+        _fail("launcher=pdsh is DeepSpeed's own runner; strategy=%s starts torchrun on every host: use -e "
+              "launcher=ansible (the default), or -e strategy=deepspeed" % k["strategy"])
+    for name in ("zero_stage", "offload"):
+        if name in given:
+            _fail("%s=%s applies to strategy=deepspeed; strategy=%s %s: drop %s, or use -e strategy=deepspeed"
+                  % (name, k[name], k["strategy"], "shards by fsdp_sharding" if k["strategy"] == "fsdp"
+                     else "keeps the whole model on every device", name))
+    if k["strategy"] == "ddp" and "fsdp_sharding" in given and k["fsdp_sharding"] != "auto":
+        _fail("fsdp_sharding=%s applies to strategy=fsdp; drop it, or use -e strategy=fsdp" % k["fsdp_sharding"])
+
+
 def _resume(k, previous, world, layout_hosts):
     """What resuming means for this plan: the same layout (exact continuation) or another world (a universal
     checkpoint; the global batch kept through gradient accumulation when it divides)."""
     prev = previous if isinstance(previous, dict) and previous.get("world_size") else None
     same = prev is not None and prev["world_size"] == world and prev.get("hosts") == layout_hosts
+    if prev is not None and prev.get("strategy", "deepspeed") != k["strategy"]:
+        _fail("run %s was trained with strategy=%s; its checkpoints load only into that strategy: resume with -e "
+              "strategy=%s" % (k["resume"], prev.get("strategy", "deepspeed"), prev.get("strategy", "deepspeed")))
+    if prev is not None and k["strategy"] != "deepspeed" and not same:
+        _fail("run %s was written by %d rank(s) on %s; strategy=%s resumes only on that same layout (each rank loads "
+              "its own shard; the universal conversion is DeepSpeed's): resume with those hosts and slots "
+              "(require_all_hosts=true), or start a new run" % (
+                  k["resume"], prev["world_size"], ", ".join("%s x%d" % (h["name"], len(h["ranks"]))
+                                                           for h in prev["hosts"]), k["strategy"]))
     grad_accum, note = k["grad_accum"], ""
     if prev is not None and not same and prev.get("global_batch"):
         per_step = k["micro_batch"] * world
@@ -810,6 +926,18 @@ def records(names, hostvars):
 
 def ds_config(plan):
     """The DeepSpeed config of the run: batch sizes, precision, ZeRO, optimizer. All policy lives here."""
+    if plan.get("strategy", "deepspeed") != "deepspeed":
+        # FSDP and DDP (train/dsfleet_torch.py) read the batch sizes, precision, clipping and AdamW from it
+        return {
+            "train_batch_size": plan["batch"]["global"],
+            "train_micro_batch_size_per_gpu": plan["batch"]["micro"],
+            "gradient_accumulation_steps": plan["batch"]["grad_accum"],
+            "gradient_clipping": GRADIENT_CLIPPING,
+            "bf16": {"enabled": plan["precision"] == "bf16"},
+            "fp16": {"enabled": plan["precision"] == "fp16"},
+            "zero_optimization": {"stage": 0},
+            "optimizer": {"type": "AdamW", "params": dict(OPTIMIZER, lr=plan["training"]["lr"])},
+        }
     zero = {"stage": plan["zero"]["stage"], "overlap_comm": False, "contiguous_gradients": True}
     offload = plan["zero"]["offload"] != "none"
     if offload:
@@ -849,7 +977,7 @@ def host_paths(home, venv, run_id):
     run_dir = "%s/runs/%s" % (home, run_id)
     return {
         "home": home, "venv": venv, "bin": venv + "/bin", "python": venv + "/bin/python",
-        "deepspeed": venv + "/bin/deepspeed", "code": home + "/code", "node": home + "/code/dsfleet_node.py",
+        "deepspeed": venv + "/bin/deepspeed", "torchrun": venv + "/bin/torchrun", "code": home + "/code", "node": home + "/code/dsfleet_node.py",
         "train": home + "/code/train/train.py", "run_dir": run_dir, "out": run_dir + "/out",
         "log": run_dir + "/node.log", "metrics": run_dir + "/out/metrics.jsonl", "plot": run_dir + "/out/plot.png",
         "tensorboard": run_dir + "/out/tensorboard",
@@ -883,6 +1011,10 @@ def train_args(plan, paths):
         args += ["--activation_checkpointing"]
     if t["resume"]:
         args += ["--resume"]
+    if plan.get("strategy", "deepspeed") != "deepspeed":
+        args += ["--strategy", plan["strategy"]]
+        if plan["strategy"] == "fsdp":
+            args += ["--fsdp_sharding", plan["fsdp_sharding"]]
     if plan["nodes"] > 1:
         args += ["--replicas", paths["replicas"]]
     return args
@@ -899,6 +1031,19 @@ def launcher_args(plan, node_rank, paths):
     else:
         args += ["--no_ssh", "--node_rank", str(node_rank)]
     return args
+
+
+def torchrun_args(plan, host):
+    """torchrun on one node: static rendezvous at the master (torchrun's default backend with --master_addr), this
+    host's ranks after those of the hosts before it (torch elastic sums the ranks per node in node-rank order, so
+    hosts may have different slots)."""
+    return ["--nnodes", str(plan["nodes"]), "--node_rank", str(host["node_rank"]),
+            "--nproc_per_node", str(host["slots"]), "--master_addr", plan["master"]["address"],
+            "--master_port", str(plan["master"]["port"]), "--max_restarts", "0"]
+
+
+# what selects a host's devices for torchrun (DeepSpeed's launcher sets it from --include itself)
+VISIBLE_DEVICES = {"nvidia": "CUDA_VISIBLE_DEVICES", "amd": "CUDA_VISIBLE_DEVICES", "intel": "ZE_AFFINITY_MASK"}
 
 
 def _process_env(plan, host, paths, common=False):
@@ -982,9 +1127,15 @@ def add_processes(plan, records):
         env = _process_env(plan, host, paths)
         # what the ansible launcher starts on this host (one DeepSpeed launcher per node); also what
         # runs/<id>/nodes/<host>.sh starts by hand, whichever launcher the plan uses
-        host["node_process"] = {"argv": [paths["deepspeed"]] + launcher_args(plan, host["node_rank"], paths)
-                                + [paths["train"]] + train_args(plan, paths), "env": dict(env),
-                                "cwd": paths["run_dir"]}
+        if plan.get("strategy", "deepspeed") == "deepspeed":
+            host["node_process"] = {"argv": [paths["deepspeed"]] + launcher_args(plan, host["node_rank"], paths)
+                                    + [paths["train"]] + train_args(plan, paths), "env": dict(env),
+                                    "cwd": paths["run_dir"]}
+        else:  # FSDP, DDP: one torchrun per node
+            if plan["accelerator"] in VISIBLE_DEVICES:
+                env[VISIBLE_DEVICES[plan["accelerator"]]] = ",".join(map(str, host["devices"]))
+            host["node_process"] = {"argv": [paths["torchrun"]] + torchrun_args(plan, host) + [paths["train"]]
+                                    + train_args(plan, paths), "env": dict(env), "cwd": paths["run_dir"]}
         process = None
         if pdsh and is_master:
             env["PDSH_RCMD_TYPE"] = "ssh"

@@ -13,6 +13,24 @@ from . import PlanError
 from . import speed as SP
 
 
+def layout_kind(plan):
+    """How the run's checkpoints are laid out, as train.py names it in each tag's marker: deepspeed, fsdp-full,
+    fsdp-hybrid, ddp."""
+    strategy = plan.get("strategy") or "deepspeed"
+    return strategy + ("-" + plan["fsdp_sharding"] if strategy == "fsdp" else "")
+
+
+def strategy_text(plan_or_row):
+    """ZeRO-2 (+ offload), FSDP (hybrid sharding), DDP."""
+    strategy = plan_or_row.get("strategy") or "deepspeed"
+    if strategy == "fsdp":
+        return "FSDP (%s sharding)" % plan_or_row.get("fsdp_sharding")
+    if strategy == "ddp":
+        return "DDP"
+    zero = plan_or_row.get("zero") or plan_or_row
+    return "ZeRO-%d%s" % (zero.get("zero_stage", zero.get("stage")), " + offload" if zero.get("offload") == "cpu" else "")
+
+
 def plan_table(plan):
     """Lines a person reads: one per host, then the left-out hosts and the global choices."""
     rows = [("host", "address", "devices", "memory/rank", "slots", "ranks", "ifname")]
@@ -27,10 +45,11 @@ def plan_table(plan):
         lines.append("left out: %s's %s (device %s) — %s" % (e["name"], e["device_name"],
                                                             ",".join(map(str, e["devices"])), e["reason"]))
     lines.append("accelerator %s, backend %s, precision %s, world size %d on %d host(s), master %s:%d (%s), "
-                 "launcher %s, ZeRO %d" % (plan["accelerator"], plan["backend"], plan["precision"],
-                                           plan["world_size"], plan["nodes"], plan["master"]["address"],
-                                           plan["master"]["port"], plan["master"]["name"], plan["launcher"],
-                                           plan["zero"]["stage"]))
+                 "launcher %s, %s" % (plan["accelerator"], plan["backend"], plan["precision"],
+                                      plan["world_size"], plan["nodes"], plan["master"]["address"],
+                                      plan["master"]["port"], plan["master"]["name"], plan["launcher"]
+                                      + (" (torchrun on every host)" if plan.get("strategy", "deepspeed") != "deepspeed"
+                                         else ""), strategy_text(plan)))
     resume = plan.get("resume")
     if resume:
         prev = resume.get("previous")
@@ -60,12 +79,12 @@ def plan_table(plan):
                      % (name, src["path"], plan["hosts"][0]["paths"]["inputs"][name]))
     sizing = plan.get("sizing")
     if sizing and sizing.get("known"):
-        lines.append("memory: %s parameters (%s%s); ZeRO-%d%s %s, micro batch %d x %d tokens: %d MiB per device "
+        lines.append("memory: %s parameters (%s%s); %s %s, micro batch %d x %d tokens: %d MiB per device "
                      "(model states %d, activations %d, buffers %d, runtime %d) of %d on the smallest (%s, %s)"
                      % ("{:,}".format(sizing["params"]), sizing["family"],
                         ", %s active" % "{:,}".format(sizing["params_active"])
-                        if sizing["params_active"] != sizing["params"] else "", sizing["zero_stage"],
-                        " + offload" if sizing["offload"] == "cpu" else "", sizing["precision"], sizing["micro_batch"],
+                        if sizing["params_active"] != sizing["params"] else "", strategy_text(sizing),
+                        sizing["precision"], sizing["micro_batch"],
                         sizing["block_size"], sizing["device_mib"], sizing["model_states_mib"],
                         sizing["activations_mib"], sizing.get("buffers_mib", 0),
                         sizing["runtime_mib"], sizing["smallest_device"]["memory_mib"],
@@ -91,7 +110,7 @@ def plan_table(plan):
 
 
 def _config_name(row):
-    return "ZeRO-%d%s" % (row["zero_stage"], " + offload" if row["offload"] == "cpu" else "")
+    return strategy_text(row)
 
 
 def _why_chosen(sizing):
@@ -251,6 +270,8 @@ def summary(plan, metrics, extra=None):
         "precision": plan["precision"],
         "launcher": plan["launcher"],
         "zero_stage": plan["zero"]["stage"],
+        "strategy": plan.get("strategy") or "deepspeed",
+        "fsdp_sharding": plan.get("fsdp_sharding"),
         "model": plan["training"]["model"],
         "dataset": plan["training"]["dataset"],
         "steps": end.get("steps", len(steps)),
@@ -298,8 +319,8 @@ def summary_table(summary):
     rows = [("run", summary["run_id"]),
             ("hosts", ", ".join("%s x%d" % (h["name"], h["slots"]) for h in summary["hosts"])),
             ("world size", str(summary["world_size"])),
-            ("accelerator", "%s, %s, ZeRO %s, launcher %s" % (summary["accelerator"], summary["precision"],
-                                                            summary["zero_stage"], summary["launcher"])),
+            ("accelerator", "%s, %s, %s, launcher %s" % (summary["accelerator"], summary["precision"],
+                                                       strategy_text(summary), summary["launcher"])),
             ("steps", str(summary["steps"])), ("loss", loss)] + ([
             ("eval", "loss %.4f, perplexity %.2f (%d evals)" % (summary["eval_loss"], summary["perplexity"],
                                                                 len(summary.get("evals") or [])))]
@@ -348,11 +369,13 @@ def resume_source(listings, plan):
         if "world_size" not in marker:
             return True  # a marker from an older dsfleet: trust it, as train.py does
         return (marker["world_size"] == world and sorted(marker.get("ranks") or []) == ranks_of[name]
-                and marker.get("zero_stage", stage) == stage)
+                and marker.get("zero_stage", stage) == stage and marker.get("strategy", "deepspeed") == kind)
 
+    kind = layout_kind(plan)
     exact = set.intersection(*[{s for s, m in own(n).items() if exact_ok(n, m)} for n in names])
-    universal = set.intersection(*[set(found[n].get("universal") or []) for n in names])
-    convertible = _whole_steps(found, names)
+    # the universal conversion is DeepSpeed's; FSDP and DDP resume only as they were written
+    universal = set.intersection(*[set(found[n].get("universal") or []) for n in names]) if kind == "deepspeed" else set()
+    convertible = _whole_steps(found, names) if kind == "deepspeed" else {}
     best = max(exact | universal | set(convertible), default=None)
     master = plan["hosts"][0]
     if best is None:

@@ -141,13 +141,38 @@ def buffers(shape, stage, precision, kind="gpu"):
     return reduce + shape["largest_layer"] * g * (2 if shape.get("tied_embeddings") else 1)
 
 
+def torch_states(shape, strategy, shard, precision, ranks_per_host):
+    """{"device", "host"} bytes of the model states under torch's own strategies (train/dsfleet_torch.py), which
+    keep the model in fp32 (the optimizer's master weights) and compute in 16 bits through autocast (DDP) or FSDP's
+    mixed-precision policy:
+
+    - ``ddp``: fp32 parameters, fp32 gradients (DDP's buckets are views of them) and AdamW's two fp32 states: 16
+      bytes a parameter; every rank builds the whole fp32 model on the host first (4 bytes a parameter each).
+    - ``fsdp``: the same 16 bytes a parameter divided over ``shard`` ranks (every rank for full sharding, one host's
+      for hybrid), plus what is unsharded while it computes: the root's parameters (embeddings, lm head, final
+      norm: FSDP2 keeps the root gathered through forward and backward) and two decoder layers (the one computing
+      and the one prefetched), in the compute dtype, with their fp32 gradients before the reduce-scatter. Only rank
+      0 builds the real model on the host (the others build it on the meta device)."""
+    P = shape["params"]
+    if strategy == "ddp":
+        return {"device": 16 * P, "host": int(4 * P * ranks_per_host * LOAD_BUFFER)}
+    compute = 2 if precision in ("bf16", "fp16") else 4
+    root = shape["embedding"] + shape["lm_head"]  # lm_head is 0 when tied
+    unsharded = root + 2 * shape["per_layer"]
+    return {"device": int(16 * P / shard) + (compute + 4) * unsharded, "host": int(4 * P * LOAD_BUFFER)}
+
+
 def need(shape, stage, offload, micro_batch, block_size, precision, world, ranks_per_host, nodes, kind,
-         checkpointing=False, zero_init=False, load_bytes=4):
-    """Bytes one rank needs on its device and one host needs in RAM, by component."""
-    states = model_states(shape["params"], shape["largest_layer"], stage, offload, world, ranks_per_host, nodes,
-                          precision, zero_init, load_bytes)
+         checkpointing=False, zero_init=False, load_bytes=4, strategy="deepspeed", shard=None):
+    """Bytes one rank needs on its device and one host needs in RAM, by component (``strategy`` fsdp/ddp:
+    ``torch_states``; ``shard``: the ranks an FSDP shard is divided over)."""
+    if strategy == "deepspeed":
+        states = model_states(shape["params"], shape["largest_layer"], stage, offload, world, ranks_per_host, nodes,
+                              precision, zero_init, load_bytes)
+        buf = buffers(shape, stage, precision, kind)
+    else:
+        states, buf = torch_states(shape, strategy, shard or world, precision, ranks_per_host), 0
     act = activations(shape, micro_batch, block_size, precision, checkpointing)
-    buf = buffers(shape, stage, precision, kind)
     runtime = RUNTIME_MIB[kind] * MIB
     return {"model_states": states["device"], "activations": act, "buffers": buf, "runtime": runtime,
             "device": states["device"] + act + buf + runtime, "host": states["host"]}
