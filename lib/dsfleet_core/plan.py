@@ -328,11 +328,11 @@ def _sizing(k, given, config, plan_hosts, records, precision, accelerator):
 
 def fsdp_shardings(k, plan_hosts):
     """The FSDP shardings to try, least traffic between hosts first: hybrid (within a host) only on several hosts
-    with the same ranks each."""
-    uniform = len(plan_hosts) > 1 and len(set(h["slots"] for h in plan_hosts)) == 1
+    with the same ranks each, more than one (one rank a host would shard nothing)."""
+    uniform = len(plan_hosts) > 1 and len(set(h["slots"] for h in plan_hosts)) == 1 and plan_hosts[0]["slots"] > 1
     if k["fsdp_sharding"] == "hybrid" and not uniform:
         _fail("fsdp_sharding=hybrid shards within each host and replicates across hosts, which needs several hosts "
-              "with the same number of ranks (here: %s); use -e fsdp_sharding=full, or set `slots` alike"
+              "with the same number of ranks, more than one each (here: %s); use -e fsdp_sharding=full, or set `slots` alike"
               % ", ".join("%s x%d" % (h["name"], h["slots"]) for h in plan_hosts))
     if k["fsdp_sharding"] != "auto":
         return [k["fsdp_sharding"]]
@@ -855,8 +855,8 @@ def _check_torch_strategy(k, given):
     if k["launcher"] == "pdsh":
         _fail("launcher=pdsh is DeepSpeed's own runner; strategy=%s starts torchrun on every host: use -e "
               "launcher=ansible (the default), or -e strategy=deepspeed" % k["strategy"])
-    for name in ("zero_stage", "offload"):
-        if name in given:
+    for name, neutral in (("zero_stage", 0), ("offload", "none")):
+        if name in given and k[name] != neutral:  # a resumed run's stored knobs hold the neutral values
             _fail("%s=%s applies to strategy=deepspeed; strategy=%s %s: drop %s, or use -e strategy=deepspeed"
                   % (name, k[name], k["strategy"], "shards by fsdp_sharding" if k["strategy"] == "fsdp"
                      else "keeps the whole model on every device", name))

@@ -491,3 +491,95 @@ def test_offload_steps_the_same_optimizer_as_without(tmp_path):
     assert none["sizes"] == cpu["sizes"] and none["sizes"][1] > 0
     assert none["losses"][-1] < none["losses"][0]
     assert cpu["losses"] == pytest.approx(none["losses"], rel=1e-4, abs=1e-5)
+
+
+def _torchrun(ds_config, out, *argv, nodes=1, per_node=2, timeout=300):
+    """train.py under torchrun: ``nodes`` agents on this machine (node ranks 0..n-1), as the plan starts them; with
+    several, each node writes to its own out/node<N> (hosts have their own disks: each keeps its ranks' shards)."""
+    port = _free_port()
+    procs = [subprocess.Popen([str(Path(python()).with_name("torchrun")), "--nnodes", str(nodes), "--node_rank", str(n),
+                               "--nproc_per_node", str(per_node), "--master_addr", "127.0.0.1", "--master_port",
+                               str(port), "--max_restarts", "0", str(TRAIN), "--deepspeed_config", str(ds_config),
+                               "--output_dir", str(out / f"node{n}" if nodes > 1 else out), "--no_tensorboard", "--plot_every_s", "0", *map(str, argv)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=_env())
+             for n in range(nodes)]
+    texts = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * nodes, "\n".join(t[-4000:] for t in texts)
+    return texts[0]
+
+
+def _losses(out):
+    return {e["step"]: e["loss"] for e in _events(out) if e["event"] == "step"}
+
+
+def test_fsdp_and_ddp_train_like_deepspeed_resume_exactly_and_export(tmp_path):
+    """The same model, data and seed under the three strategies: the first loss (before any update) is the same;
+    FSDP's hybrid sharding over two torchrun nodes, stopped after its step-4 checkpoint and resumed from it,
+    continues with the losses of the uninterrupted run; each export loads in the training precision."""
+    fp32 = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
+            "zero_optimization": {"stage": 0},
+            "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                      "weight_decay": 0.1}}}
+    cfg, bf16 = tmp_path / "fp32.json", tmp_path / "bf16.json"
+    cfg.write_text(json.dumps(fp32))
+    bf16.write_text(json.dumps(dict(fp32, bf16={"enabled": True})))
+    common = ("--max_steps", 8, "--block_size", 64, "--save_every", 4, "--keep_checkpoints", 0)
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    _torchrun(cfg, ddp, "--strategy", "ddp", *common)
+    _torchrun(cfg, fsdp, "--strategy", "fsdp", *common)
+    ds_cfg = tmp_path / "ds.json"
+    ds_cfg.write_text(json.dumps(dict(fp32, zero_optimization={"stage": 2})))
+    ds = tmp_path / "ds"
+    _launch(ds_cfg, ds, "--max_steps", 2, "--block_size", 64)
+    first = [_losses(o)[1] for o in (ddp, fsdp, ds)]
+    assert max(first) - min(first) < 1e-4 * first[0], first
+    for o, name in ((ddp, "ddp"), (fsdp, "fsdp")):
+        start, end = _events(o)[0], _events(o)[-1]
+        assert start["strategy"] == name and end["event"] == "end" and end["final_loss"] < end["first_loss"]
+    # fp32 DDP and FSDP reduce the same gradients: the same run, step for step
+    assert all(abs(_losses(ddp)[s] - _losses(fsdp)[s]) < 1e-4 * _losses(ddp)[s] for s in range(1, 9))
+    assert _events(fsdp)[0]["fsdp"] == {"sharding": "full", "layer_classes": ["LlamaDecoderLayer"], "mesh": [2]}
+    assert sorted(p.name for p in (fsdp / "checkpoint" / "global_step4").iterdir()) == [
+        ".dsfleet-complete", "client_state.pt", "fsdp_rank_0.pt", "fsdp_rank_1.pt"]
+    assert sorted(p.name for p in (ddp / "checkpoint" / "global_step4").iterdir()) == [
+        ".dsfleet-complete", "client_state.pt", "ddp_state.pt"]
+
+    # hybrid: 2 nodes x 2 ranks, sharded within a node; then lose the newest checkpoint and resume from step 4
+    args = ("--strategy", "fsdp", "--fsdp_sharding", "hybrid", *common)
+    _torchrun(bf16, tmp_path / "hybrid", *args, nodes=2)
+    hybrid, other = tmp_path / "hybrid" / "node0", tmp_path / "hybrid" / "node1"
+    reference = _losses(hybrid)
+    start = _events(hybrid)[0]
+    assert start["fsdp"]["mesh"] == [2, 2] and start["params_here"] * 2 == start["params"]
+    marker = json.loads((hybrid / "checkpoint" / "global_step4" / ".dsfleet-complete").read_text())
+    assert marker["strategy"] == "fsdp-hybrid" and marker["world_size"] == 4 and marker["ranks"] == [0, 1]
+    assert sorted(p.name for p in (other / "checkpoint" / "global_step4").glob("fsdp_rank_*")) == [
+        "fsdp_rank_2.pt", "fsdp_rank_3.pt"]
+    for node in (hybrid, other):
+        subprocess.run(["rm", "-rf", str(node / "checkpoint" / "global_step8"), str(node / "export")], check=True)
+    text = _torchrun(bf16, tmp_path / "hybrid", *args, "--resume", nodes=2)
+    assert "resumed from" in text and "global_step4 at step 4" in text
+    resumed = {e["step"]: e["loss"] for e in _events(hybrid)[len(reference) + 2:] if e["event"] == "step"}
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert all(abs(resumed[s] - reference[s]) <= 1e-6 * abs(reference[s]) for s in resumed), (resumed, reference)
+    # a DDP tag is not an FSDP one: --resume under another strategy starts over, saying so
+    text = _torchrun(cfg, ddp, "--strategy", "fsdp", "--max_steps", 9, "--block_size", 64, "--resume")
+    assert "no checkpoint in" in text and "(fsdp-full); starting from step 0" in text
+    loaded = run_py(f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(hybrid / 'export')!r}, local_files_only=True, dtype="auto")
+        out({{"dtype": str(m.dtype), "params": sum(p.numel() for p in m.parameters()),
+              "finite": all(bool(torch.isfinite(p).all()) for p in m.parameters())}})
+    """)
+    assert loaded == {"dtype": "torch.bfloat16", "params": start["params"], "finite": True}
+
+
+def test_torch_strategies_refuse_what_only_deepspeed_does(tmp_path):
+    cfg = tmp_path / "zero.json"
+    cfg.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}))
+    proc = subprocess.run([python(), str(TRAIN), "--deepspeed_config", str(cfg), "--output_dir", str(tmp_path / "o"),
+                           "--strategy", "fsdp", "--max_steps", "1"], capture_output=True, text=True, env=_env(),
+                          timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert "--strategy fsdp with zero_optimization (stage 2)" in proc.stderr and "\"stage\": 0" in proc.stderr

@@ -718,3 +718,115 @@ def test_the_render_action_writes_the_scripts_with_the_same_bytes_and_drops_thos
     written = dsfleet_render.write(str(tmp_path), two, code=code, node=node)
     assert "nodes/c.sh" in written and sorted(p.name for p in (tmp_path / "nodes").iterdir()) == ["a.sh", "b.sh"]
     assert "node 1 of 2, b" in (tmp_path / "nodes" / "b.sh").read_text()
+
+
+# --- strategy=fsdp|ddp: torchrun per node, sizing per strategy, what only DeepSpeed does ----------------------
+
+LLAMA7B = json.loads((pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "configs" / "llama-2-7b.json")
+                     .read_text())
+TINY = json.loads((pathlib.Path(__file__).resolve().parents[2] / "train" / "presets" / "tiny" / "config.json")
+                  .read_text())
+
+
+def _a100s(*counts):
+    return [host("h%d" % i, 11 + i, [A100(g) for g in range(n)]) for i, n in enumerate(counts)]
+
+
+def test_fsdp_runs_torchrun_on_every_host_with_its_rank_devices_and_sharding():
+    hosts = _a100s(4, 4)
+    hosts[1]["gpu"]["gpus"] = [A100(g) for g in (0, 2, 5, 7)]  # torchrun sees exactly these: CUDA_VISIBLE_DEVICES
+    plan = P.make_plan(hosts, {"run_id": "r", "strategy": "fsdp", "max_steps": 10}, model=LLAMA7B)
+    assert (plan["strategy"], plan["fsdp_sharding"]) == ("fsdp", "hybrid")  # 7B fits one host's 4 shards
+    proc = plan["hosts"][1]["process"]
+    argv = proc["argv"]
+    assert argv[:13] == ["/home/u/.dsfleet/venv/bin/torchrun", "--nnodes", "2", "--node_rank", "1",
+                         "--nproc_per_node", "4", "--master_addr", "10.1.0.11", "--master_port", "29500",
+                         "--max_restarts", "0"]
+    assert argv[13] == "/home/u/.dsfleet/code/train/train.py"
+    assert argv[argv.index("--strategy") + 1] == "fsdp" and argv[argv.index("--fsdp_sharding") + 1] == "hybrid"
+    assert proc["env"]["CUDA_VISIBLE_DEVICES"] == "0,2,5,7" and proc == plan["hosts"][1]["node_process"] | {
+        "env": proc["env"]}
+    assert plan["ds_config"]["zero_optimization"] == {"stage": 0} and "checkpoint" not in plan["ds_config"]
+    assert plan["ds_config"]["bf16"] == {"enabled": True} and plan["ds_config"]["gradient_clipping"] == 1.0
+    table = R.plan_table(plan)
+    assert "launcher ansible (torchrun on every host), FSDP (hybrid sharding)" in table[3]
+    assert any(line.startswith("memory: 6,738,415,616 parameters (llama); FSDP (hybrid sharding) bf16") for line in table)
+    # the per-device need: 16 bytes a parameter over the shard, plus the root and two layers unsharded
+    s = plan["sizing"]
+    shape = __import__("dsfleet_core.shape", fromlist=["x"]).model_shape(LLAMA7B)
+    unsharded = shape["embedding"] + shape["lm_head"] + 2 * shape["per_layer"]
+    assert s["model_states_mib"] == -(-(16 * shape["params"] // 4 + 6 * unsharded) // 2 ** 20)
+    full = P.make_plan(hosts, {"run_id": "r", "strategy": "fsdp", "fsdp_sharding": "full"}, model=LLAMA7B)
+    assert full["sizing"]["model_states_mib"] < s["model_states_mib"] and full["fsdp_sharding"] == "full"
+    # DeepSpeed's plan is unchanged: its launcher, ZeRO in the ds_config
+    ds = P.make_plan(hosts, {"run_id": "r"}, model=LLAMA7B)
+    assert ds["hosts"][1]["process"]["argv"][0].endswith("/bin/deepspeed") and "--strategy" not in ds["hosts"][1][
+        "process"]["argv"] and ds["ds_config"]["zero_optimization"]["stage"] in (2, 3)
+
+
+def test_fsdp_shards_fully_where_hybrid_cannot_and_says_why_hybrid_was_refused():
+    uneven = _a100s(4, 2)
+    assert P.make_plan(uneven, {"run_id": "r", "strategy": "fsdp"}, model=LLAMA7B)["fsdp_sharding"] == "full"
+    with pytest.raises(PlanError, match=r"fsdp_sharding=hybrid .* same number of ranks, more than one each "
+                                        r"\(here: h0 x4, h1 x2\); use -e fsdp_sharding=full"):
+        P.make_plan(uneven, {"run_id": "r", "strategy": "fsdp", "fsdp_sharding": "hybrid"}, model=LLAMA7B)
+    # one rank a host: hybrid would shard nothing
+    ones = P.make_plan(_a100s(1, 1, 1), {"run_id": "r", "strategy": "fsdp"}, model=TINY)
+    assert ones["fsdp_sharding"] == "full"
+    # a model the plan cannot size: full (the least memory), said in the table
+    unsized = P.make_plan(_a100s(2, 2), {"run_id": "r", "strategy": "fsdp"})
+    assert unsized["fsdp_sharding"] == "full" and "FSDP (full sharding)" in R.plan_table(unsized)[3]
+
+
+def test_ddp_takes_a_model_that_fits_whole_and_refuses_one_that_does_not():
+    small = P.make_plan(_a100s(2, 2), {"run_id": "r", "strategy": "ddp"}, model=TINY)
+    assert small["strategy"] == "ddp" and small["fsdp_sharding"] is None
+    argv = small["hosts"][0]["process"]["argv"]
+    assert argv[argv.index("--strategy") + 1] == "ddp" and "--fsdp_sharding" not in argv
+    assert small["sizing"]["model_states_mib"] == -(-16 * small["sizing"]["params"] // 2 ** 20)
+    with pytest.raises(PlanError, match=r"the model does not fit: 6,738,415,616 parameters \(llama\), DDP, bf16, "
+                                        r"micro batch 1 x 128 tokens needs \d+ MiB per device.* even with activation "
+                                        r"checkpointing: DDP keeps the whole model.*Use -e strategy=fsdp"):
+        P.make_plan(_a100s(4, 4), {"run_id": "r", "strategy": "ddp"}, model=LLAMA7B)
+
+
+def test_torch_strategies_refuse_zero_offload_and_pdsh_by_name():
+    hosts = _a100s(2, 2)
+    with pytest.raises(PlanError, match="zero_stage=3 applies to strategy=deepspeed; strategy=fsdp shards by "
+                                        "fsdp_sharding: drop zero_stage, or use -e strategy=deepspeed"):
+        P.make_plan(hosts, {"run_id": "r", "strategy": "fsdp", "zero_stage": 3})
+    with pytest.raises(PlanError, match="offload=cpu applies to strategy=deepspeed; strategy=ddp keeps"):
+        P.make_plan(hosts, {"run_id": "r", "strategy": "ddp", "offload": "cpu"})
+    with pytest.raises(PlanError, match="launcher=pdsh is DeepSpeed's own runner; strategy=fsdp starts torchrun"):
+        P.make_plan(hosts, {"run_id": "r", "strategy": "fsdp", "launcher": "pdsh"})
+    with pytest.raises(PlanError, match="fsdp_sharding=full applies to strategy=fsdp"):
+        P.make_plan(hosts, {"run_id": "r", "strategy": "ddp", "fsdp_sharding": "full"})
+    with pytest.raises(PlanError, match="strategy=.megatron. is not one of deepspeed, fsdp, ddp"):
+        P.make_plan(hosts, {"run_id": "r", "strategy": "megatron"})
+    # the neutral values a resumed run's stored knobs hold are accepted
+    assert P.make_plan(hosts, {"run_id": "r", "strategy": "fsdp", "zero_stage": 0, "offload": "none"})["zero"] == {
+        "stage": 0, "offload": "none"}
+
+
+def test_a_torch_strategy_resumes_only_its_own_layout_and_strategy():
+    hosts = _a100s(2, 2)
+    first = P.make_plan(hosts, {"run_id": "r", "strategy": "fsdp"})
+    assert first["layout"]["strategy"] == "fsdp" and first["layout"]["fsdp_sharding"] == "full"
+    same = P.make_plan(hosts, {"resume": "r", "strategy": "fsdp"}, first["layout"])
+    assert same["resume"]["same_layout"]
+    with pytest.raises(PlanError, match=r"written by 4 rank\(s\) on h0 x2, h1 x2; strategy=fsdp resumes only on that same layout"):
+        P.make_plan(hosts[:1], {"resume": "r", "strategy": "fsdp", "require_all_hosts": False}, first["layout"])
+    with pytest.raises(PlanError, match="run r was trained with strategy=fsdp; .* resume with -e strategy=fsdp"):
+        P.make_plan(hosts, {"resume": "r"}, first["layout"])
+    ds = P.make_plan(hosts, {"run_id": "r"})
+    with pytest.raises(PlanError, match="trained with strategy=deepspeed"):
+        P.make_plan(hosts, {"resume": "r", "strategy": "ddp"}, ds["layout"])
+    # the hosts' markers: an FSDP plan takes only its own kind of tag, never a conversion
+    plan = P.make_plan(hosts, {"resume": "r", "strategy": "fsdp"}, first["layout"])
+    listings = {"h0": {"layouts": {"8": dict(_marker(8, 4, [0, 1], 0), strategy="fsdp-full"),
+                                   "9": _marker(9, 4, [0, 1], 0)}, "universal": [9]},
+                "h1": {"layouts": {"8": dict(_marker(8, 4, [2, 3], 0), strategy="fsdp-full"),
+                                   "9": _marker(9, 4, [2, 3], 0)}, "universal": [9]}}
+    assert (R.resume_source(listings, plan)["step"], R.resume_source(listings, plan)["mode"]) == (8, "exact")
+    del listings["h1"]["layouts"]["8"]
+    assert R.resume_source(listings, plan)["mode"] == "none"

@@ -235,6 +235,14 @@ def test_markers_record_the_layout_and_decide_what_a_rank_can_load(tmp_path):
     assert K.rank_of_file("bf16_zero_pp_rank_12_mp_rank_00_optim_states.pt") == 12
     assert K.rank_of_file("zero_pp_rank_3_mp_rank_00_model_states.pt") == 3
     assert K.rank_of_file("mp_rank_00_model_states.pt") is None
+    # FSDP's shards are per rank too; DDP's state and the client state are the host's
+    assert K.rank_of_file("fsdp_rank_7.pt") == 7 and K.rank_of_file("ddp_state.pt") is None
+    assert K.rank_of_file("client_state.pt") is None
+    # a tag written by another strategy (or FSDP sharding) is not loaded; a marker without one is DeepSpeed's
+    assert K.usable_steps(layouts, 1, 4, 2, "fsdp-full") == []
+    fsdp = {40: {"world_size": 4, "ranks": [0, 1], "zero_stage": 0, "strategy": "fsdp-hybrid"}}
+    assert K.usable_steps(fsdp, 1, 4, 0, "fsdp-hybrid") == [40] and K.usable_steps(fsdp, 1, 4, 0, "fsdp-full") == []
+    assert K.usable_steps(fsdp, 1, 4, 0, "deepspeed") == []
     # the universal conversion of a pruned step goes with it
     assert K.prune(ckpt, 1) == ["global_step10", "global_step20", "global_step20_universal"]
 
