@@ -69,10 +69,10 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the torch-free pieces live beside this file (also when loaded by path)
     sys.path.insert(0, str(HERE))
 
+import dsfleet_torch as T  # noqa: E402
 from export_hf import save_pretrained_dir  # noqa: E402
 
 import dsfleet_tokens as TK  # noqa: E402
-import dsfleet_torch as T  # noqa: E402
 from dsfleet_ckpt import (  # noqa: E402
     complete_layouts,
     mark_complete,

@@ -244,6 +244,53 @@ def wait_for_step(rig, run_id, step, limit=400):
     raise AssertionError("run %s never reached step %d" % (run_id, step))
 
 
+def test_fsdp_and_ddp_train_on_three_hosts_and_fsdp_resumes_exactly_after_a_stop(cluster, tmp_path):
+    """strategy=fsdp and strategy=ddp on the 3 hosts (torchrun on each, from the plan): the loss falls, each host
+    keeps only its own rank's FSDP shard, and a run stopped by stop.yml (every rank checkpoints on SIGTERM) resumes
+    with the losses of the same run left uninterrupted; DDP's first loss is FSDP's (same weights, same data)."""
+    def losses(run_id):
+        return {r["step"]: r["loss"] for r in map(json.loads, (RUNS / run_id / "metrics.jsonl").read_text()
+                                                    .splitlines()) if r["event"] == "step"}
+
+    knobs = dict(strategy="fsdp", max_steps=250, block_size=32, micro_batch=2, log_every=1, save_every_minutes=0,
+                 seed=5)
+    result, straight, _ = launch(cluster, tmp_path, **knobs)
+    assert result.rc == 0, result.stdout[-4000:]
+    assert "launcher ansible (torchrun on every host), FSDP (full sharding)" in result.stdout
+    summary = json.loads((RUNS / straight / "summary.json").read_text())
+    assert (summary["strategy"], summary["fsdp_sharding"], summary["steps"]) == ("fsdp", "full", 250)
+    assert summary["final_loss"] < summary["first_loss"]
+    reference = losses(straight)
+    for rank, host in enumerate(cluster.names):
+        tag = home(cluster, host) / ".dsfleet" / "runs" / straight / "out" / "checkpoint" / "global_step250"
+        assert sorted(p.name for p in tag.glob("fsdp_rank_*.pt")) == ["fsdp_rank_%d.pt" % rank], host
+        assert json.loads((tag / ".dsfleet-complete").read_text())["strategy"] == "fsdp-full"
+
+    result, stopped, _ = launch(cluster, tmp_path, follow=False, **knobs)
+    assert result.rc == 0, result.stdout[-3000:]
+    wait_for_step(cluster, stopped, 20)
+    stop = operate(cluster, tmp_path, "playbooks/stop.yml", stopped)
+    assert stop.rc == 0, stop.stdout[-3000:]
+    assert {h: training_pids(cluster, h) for h in cluster.names} == {h: [] for h in cluster.names}
+    halt = int(re.search(r"newest checkpoint complete on every host: step (\d+)", stop.stdout).group(1))
+    assert 20 <= halt < 250, halt
+    resumed = run_playbook("launch.yml", dict(VARS, resume=stopped), inventory=cluster.inventory,
+                           envvars={"ANSIBLE_SSH_CONTROL_PATH_DIR": str(tmp_path / "cp2")})
+    assert resumed.rc == 0, resumed.stdout[-4000:]
+    assert "resuming from step %d, complete on every host (the same layout: exact)" % halt in resumed.stdout
+    after = {s: v for s, v in losses(stopped).items() if s > halt}
+    assert sorted(after) == list(range(halt + 1, 251))
+    worst = max(abs(after[s] - reference[s]) / abs(reference[s]) for s in after)
+    assert worst < 1e-4, worst
+
+    result, ddp, _ = launch(cluster, tmp_path, **dict(knobs, strategy="ddp", max_steps=6))
+    assert result.rc == 0, result.stdout[-4000:]
+    summary = json.loads((RUNS / ddp / "summary.json").read_text())
+    assert (summary["strategy"], summary["world_size"], summary["steps"]) == ("ddp", 3, 6)
+    assert abs(losses(ddp)[1] - reference[1]) < 1e-4 * reference[1]
+    assert summary["final_loss"] < summary["first_loss"]
+
+
 def test_detached_run_is_followed_to_the_end(cluster, tmp_path):
     result, run_id, took = launch(cluster, tmp_path, follow=False, max_steps=30)
     assert result.rc == 0, result.stdout[-3000:]
