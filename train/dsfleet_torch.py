@@ -22,6 +22,9 @@ Checkpoints (there is no shared filesystem: every rank finds what it needs on it
   (same world size and sharding: the marker records them), so the continuation is exact.
 - ``ddp``: the states are the same on every rank; each host's local rank 0 writes ``<tag>/ddp_state.pt``.
 Both add ``<tag>/client_state.pt`` (the step, the LR scheduler, the loss scaler) on each host.
+``full_weights(tag_dir)`` rebuilds the whole model's weights from a tag's files gathered in one folder (FSDP2
+shards every parameter along dim 0 in rank order: ranks 0..shard_group-1 concatenated; DDP: its copy), for
+export_hf.py and playbooks/export.yml.
 
 The end-of-run export gathers the full state dict (``full_state_dict=True``) on rank 0 and writes it with
 save_pretrained, as the DeepSpeed path does.
@@ -229,8 +232,13 @@ class TorchEngine:
         if self.strategy == "fsdp":
             from torch.distributed.checkpoint.state_dict import get_state_dict
             model_sd, optim_sd = get_state_dict(self.wrapped, self.optimizer)
+            mesh = next((p.device_mesh for p in self.module.parameters() if hasattr(p, "device_mesh")), None)
+            # shard_group: the ranks one replica is sharded over (ranks 0..shard_group-1 hold one whole copy; the
+            # export concatenates their dim-0 shards)
             torch.save({"model": _local(model_sd), "optim": _local(optim_sd), "sharding": self.sharding,
-                        "world_size": dist.get_world_size()}, _atomic(folder / f"fsdp_rank_{self.rank}.pt"))
+                        "world_size": dist.get_world_size(), "rank": self.rank,
+                        "shard_group": mesh.shape[-1] if mesh is not None else dist.get_world_size()},
+                       _atomic(folder / f"fsdp_rank_{self.rank}.pt"))
             os.replace(folder / f"fsdp_rank_{self.rank}.pt.partial", folder / f"fsdp_rank_{self.rank}.pt")
         elif self.local_rank == 0:
             torch.save({"model": self.module.state_dict(), "optim": self.optimizer.state_dict()},
@@ -306,3 +314,25 @@ def _into(template, saved):
         return DTensor.from_local(local, template.device_mesh, template.placements, run_check=False,
                                   shape=template.shape, stride=template.stride())
     return saved
+
+
+def full_weights(tag_dir):
+    """The whole model's state dict from an FSDP or DDP tag whose files are all in ``tag_dir`` (None if the tag is
+    DeepSpeed's). Raises ValueError naming what is missing."""
+    import torch
+    tag_dir = Path(tag_dir)
+    if (tag_dir / "ddp_state.pt").is_file():
+        return torch.load(tag_dir / "ddp_state.pt", map_location="cpu", weights_only=False)["model"]
+    files = sorted(tag_dir.glob("fsdp_rank_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    if not files:
+        return None
+    first = torch.load(files[0], map_location="cpu", weights_only=False)
+    group = int(first.get("shard_group") or first["world_size"])
+    have = {int(p.stem.rsplit("_", 1)[1]): p for p in files}
+    missing = [r for r in range(group) if r not in have]
+    if missing:
+        raise ValueError(f"{tag_dir} lacks the FSDP shards of rank(s) {missing} (ranks 0..{group - 1} hold one copy)")
+    shards = [first["model"]] + [torch.load(have[r], map_location="cpu", weights_only=False)["model"]
+                                 for r in range(1, group)]
+    return {k: torch.cat([s[k] for s in shards], dim=0) if getattr(v, "dim", lambda: 0)() > 0 else v
+            for k, v in first["model"].items()}

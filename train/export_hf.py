@@ -1,5 +1,6 @@
 """
-A Hugging Face model directory (safetensors, config, tokenizer) from a DeepSpeed checkpoint of any ZeRO stage.
+A Hugging Face model directory (safetensors, config, tokenizer) from a DeepSpeed checkpoint of any ZeRO stage, or
+from train.py's FSDP shards or DDP state (--strategy fsdp|ddp).
 
     python train/export_hf.py --checkpoint OUT/checkpoint --tag global_step200 --model tiny --output DIR
 
@@ -48,11 +49,15 @@ def export(checkpoint, tag, model, output, dtype="fp32"):
         fail(f"checkpoint {Path(checkpoint) / tag} does not exist", "Pass --checkpoint DIR holding the tag folder")
     config = AutoConfig.from_pretrained(where)
     tokenizer = AutoTokenizer.from_pretrained(where)
+    import dsfleet_torch
     try:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag)
+        state = dsfleet_torch.full_weights(Path(checkpoint) / tag)  # an FSDP or DDP tag (train.py --strategy)
+        if state is None:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag)
     except (ValueError, FileNotFoundError, AssertionError) as e:
         fail(f"cannot rebuild the weights from {Path(checkpoint) / tag}: {e}",
-             "Every rank's *_optim_states.pt must be in that folder (playbooks/export.yml gathers them)")
+             "Every rank's *_optim_states.pt (FSDP: fsdp_rank_*.pt) must be in that folder (playbooks/export.yml "
+             "gathers them)")
     target = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     module = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = module.load_state_dict(state, strict=False)

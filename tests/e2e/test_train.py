@@ -544,6 +544,18 @@ def test_fsdp_and_ddp_train_like_deepspeed_resume_exactly_and_export(tmp_path):
     assert sorted(p.name for p in (ddp / "checkpoint" / "global_step4").iterdir()) == [
         ".dsfleet-complete", "client_state.pt", "ddp_state.pt"]
 
+    # export_hf.py (what playbooks/export.yml runs on the gathered files) rebuilds the end-of-run export exactly
+    for o in (ddp, fsdp):
+        proc = subprocess.run([python(), str(REPO / "train" / "export_hf.py"), "--checkpoint", str(o / "checkpoint"),
+                               "--tag", "global_step8", "--model", "tiny", "--output", str(o / "again")],
+                              capture_output=True, text=True, env=_env(), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        same = run_py(f"""
+            from safetensors.torch import load_file
+            a, b = load_file({str(o / 'export' / 'model.safetensors')!r}), load_file({str(o / 'again' / 'model.safetensors')!r})
+            out({{"keys": sorted(a) == sorted(b), "equal": all(bool((a[k] == b[k]).all()) for k in a)}})
+        """)
+        assert same == {"keys": True, "equal": True}, o
     # hybrid: 2 nodes x 2 ranks, sharded within a node; then lose the newest checkpoint and resume from step 4
     args = ("--strategy", "fsdp", "--fsdp_sharding", "hybrid", *common)
     _torchrun(bf16, tmp_path / "hybrid", *args, nodes=2)

@@ -681,7 +681,8 @@ def _gather(out, step, sources, gather):
             os.replace(os.path.join(part, name), os.path.join(gather, name))
         os.rmdir(part)
     have = sorted(set(r for r in (ckpt.rank_of_file(n) for n in os.listdir(gather)) if r is not None))
-    if have != list(range(world)):
+    # a DDP tag is one host's copy of the whole state (ddp_state.pt, no per-rank files)
+    if have != list(range(world)) and not (not have and os.path.exists(os.path.join(gather, "ddp_state.pt"))):
         _say("gather: found ranks %s of %d for %s" % (have, world, ckpt.tag_for(step)))
         return None
     return world
