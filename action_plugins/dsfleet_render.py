@@ -9,7 +9,8 @@ A file whose content is unchanged is not rewritten. Runs on the controller only.
         plan: "{{ dsfleet_plan }}"
         dest: runs/<id>
         started: true       # instead: only started.json, the layout whose ranks started (a resume reads it)
-        code: train         # with node: also the bundle and runs/<id>/nodes/<host>.sh (each host started by hand)
+        code: train         # with node: also the bundle and runs/<id>/nodes/<host>.sh (each host started by hand),
+                            # and runs/<id>/job.sbatch with launcher=slurm
         node: roles/launch/files/<the supervisor>
 """
 
@@ -45,6 +46,12 @@ def write(dest, plan, started=False, code=None, node=None):
         os.remove(path)
         scripts = render.node_scripts(plan, payload)
         changed += _write_all(dest, scripts, mode=0o755)
+        # launcher=slurm: the whole run as one batch script, carrying the same bundle
+        if plan.get("slurm"):
+            changed += _write_all(dest, {"job.sbatch": render.sbatch_script(plan, payload)}, mode=0o755)
+        elif os.path.exists(os.path.join(dest, "job.sbatch")):
+            os.remove(os.path.join(dest, "job.sbatch"))
+            changed.append("job.sbatch")
         # a host the plan no longer has (a replan of the same run id) keeps no script of the old layout
         for name in sorted(os.listdir(os.path.dirname(path))):
             if name.endswith(".sh") and "nodes/" + name not in scripts:

@@ -16,7 +16,8 @@ case "${1:-}" in
   unit|e2e|cluster|lint) tier=$1; shift ;;
 esac
 
-apt_packages=(openssh-server openssh-client pdsh iproute2 iputils-ping python3-venv python3-dev g++ make)
+apt_packages=(openssh-server openssh-client pdsh iproute2 iputils-ping python3-venv python3-dev g++ make
+              slurmctld slurmd slurm-client munge)  # a real SLURM on the rig (tests/rig/slurm.py)
 if [ "$tier" != unit ] && [ "$tier" != lint ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
   for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -140,8 +140,18 @@ KNOB_LIST = (
          "`-e '{\"extra_env\": {\"NCCL_DEBUG\": \"INFO\"}}'`"),
     Knob("launcher", str, "ansible", "run", "`ansible`: Ansible starts `deepspeed --no_ssh --node_rank N` (fsdp, "
          "ddp: `torchrun --node_rank N`) on every host and watches each; `pdsh`: DeepSpeed's own multi-node runner "
-         "from the master (strategy=deepspeed)",
-         choices=("ansible", "pdsh")),
+         "from the master (strategy=deepspeed); `slurm`: an sbatch script rendered from the plan "
+         "(`runs/<id>/job.sbatch`), submitted on the master and followed with `squeue`; each node's step runs what "
+         "the ansible launcher runs there",
+         choices=("ansible", "pdsh", "slurm")),
+    Knob("slurm_submit", bool, True, "run", "launcher=slurm: submit the job; `false`: only render "
+         "`runs/<id>/job.sbatch` (it carries the code: `sbatch job.sbatch` on any SLURM node submits it)"),
+    Knob("slurm_partition", str, "", "run", "launcher=slurm: `--partition`", shown="the cluster's default"),
+    Knob("slurm_account", str, "", "run", "launcher=slurm: `--account`", shown="none"),
+    Knob("slurm_time", str, "", "run", "launcher=slurm: `--time` limit (`HH:MM:SS`, `D-HH:MM:SS`); the ranks get "
+         "SIGTERM and checkpoint before SLURM kills them", shown="the partition's"),
+    Knob("slurm_options", list, [], "run", "launcher=slurm: more `sbatch` options, one `--name=value` each "
+         "(e.g. `--qos=high`)"),
     Knob("follow", bool, True, "run", "follow the run until it ends; `false`: return once every host's ranks started "
          "(then `playbooks/status.yml`, `follow.yml`, `stop.yml` with `-e run_id=...`)"),
     Knob("poll_interval", int, 5, "run", "seconds between progress lines", minimum=0),
@@ -186,6 +196,8 @@ KNOB_LIST = (
          "device"),
     Knob("ifname", str, "", "host", "interface for NCCL/gloo traffic", scope="host", shown="the one facing "
          "the master"),
+    Knob("slurm_node", str, "", "host", "launcher=slurm: this host's SLURM node name", scope="host",
+         shown="its hostname"),
 )
 KNOBS = {k.name: k for k in KNOB_LIST}
 RUN_KNOBS = {k.name: k for k in KNOB_LIST if k.scope == "run"}

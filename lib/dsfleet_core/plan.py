@@ -711,10 +711,13 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
 
     if k["strategy"] != "deepspeed":
         _check_torch_strategy(k, given)
-    if k["launcher"] == "pdsh" and len(set((h.get("home"), h.get("venv")) for h in members)) > 1:
-        _fail("launcher=pdsh runs the same command line on every host, but the dsfleet paths differ (%s); set the "
-              "same dsfleet_home for all hosts in group_vars, or use -e launcher=ansible"
-              % ", ".join("%s: %s" % (h["name"], h.get("venv")) for h in members))
+    if k["launcher"] in ("pdsh", "slurm") and len(set((h.get("home"), h.get("venv")) for h in members)) > 1:
+        _fail("launcher=%s runs %s on every host, but the dsfleet paths differ (%s); set the same dsfleet_home for "
+              "all hosts in group_vars, or use -e launcher=ansible"
+              % (k["launcher"], "the same command line" if k["launcher"] == "pdsh" else "one batch script",
+                 ", ".join("%s: %s" % (h["name"], h.get("venv")) for h in members)))
+    if k["launcher"] == "slurm":
+        _check_slurm(k, members)
     backend, ds_accelerator, ifname_var = BACKENDS[accelerator]
     if _is_local_only(members):
         master_addr, local = "127.0.0.1", True
@@ -749,6 +752,8 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
             "ifname": ifname,
             "env": env,
         })
+        if k["launcher"] == "slurm":
+            plan_hosts[-1]["slurm_node"] = slurm_node(host)
         rank += slots
     if rank == 0:
         _fail("the chosen hosts offer no ranks; check `slots`/`gpus` host vars")
@@ -830,7 +835,9 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
         "watch": {"poll_interval": k["poll_interval"], "stall_timeout": k["stall_timeout"],
                   "startup_timeout": k["startup_timeout"], "stop_grace": k["stop_grace"],
                   "checkpoint_grace": k["checkpoint_grace"], "follow": k["follow"]},
-        "dry_run": k["dry_run"],
+        # launcher=slurm with slurm_submit=false: render job.sbatch, submit nothing
+        "dry_run": k["dry_run"] or (k["launcher"] == "slurm" and not k["slurm_submit"]),
+        "slurm": slurm_request(k, plan_hosts, accelerator) if k["launcher"] == "slurm" else None,
         "layout": {"world_size": world, "global_batch": batch["global"], "zero_stage": k["zero_stage"],
                    "strategy": k["strategy"], "fsdp_sharding": k["fsdp_sharding"] if k["strategy"] == "fsdp" else None,
                    "hosts": layout_hosts},
@@ -848,6 +855,68 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
     return add_processes(plan, members)
 
 
+
+
+SLURM_NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+SLURM_TIME = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}|\d+-\d+|UNLIMITED|INFINITE", re.I)
+# what dsfleet itself sets in job.sbatch: slurm_options may not set these
+SLURM_OWN = ("nodes", "nodelist", "ntasks", "ntasks-per-node", "job-name", "output", "error", "chdir", "gres",
+             "exclusive", "partition", "account", "time", "signal", "hetjob")
+
+
+def slurm_node(host):
+    """A host's SLURM node name: its slurm_node host var, else its hostname (what slurmd registers by default)."""
+    return str(host.get("slurm_node") or host.get("hostname") or host["name"])
+
+
+def _check_slurm(k, members):
+    """What launcher=slurm cannot take, named before anything is rendered."""
+    names = {}
+    for host in members:
+        node = slurm_node(host)
+        if not SLURM_NODE.fullmatch(node):
+            _fail("host %s: %r is not a SLURM node name; set slurm_node in its host vars" % (host["name"], node))
+        if node in names:
+            _fail("hosts %s and %s are both SLURM node %s; set slurm_node in their host vars to the names "
+                  "`sinfo -N` shows" % (names[node], host["name"], node))
+        names[node] = host["name"]
+    if k["slurm_time"] and not SLURM_TIME.fullmatch(k["slurm_time"]):
+        _fail("slurm_time=%s is not a SLURM time limit; use MM, HH:MM:SS or D-HH:MM:SS (e.g. -e slurm_time=1-00:00:00)"
+              % k["slurm_time"])
+    for name in ("slurm_partition", "slurm_account"):
+        if k[name] and not re.fullmatch(r"[A-Za-z0-9._,-]+", k[name]):
+            _fail("%s=%s: letters, digits, `.`, `_`, `-` and `,` only" % (name, k[name]))
+    for option in k["slurm_options"]:
+        text = str(option)
+        match = re.fullmatch(r"--([a-z][a-z0-9-]*)(=[^\s'\"\\;&|`$]+)?", text)
+        if not match:
+            _fail("slurm_options: %r is not one `--name` or `--name=value` sbatch option (no spaces or quotes), "
+                  "e.g. -e '{\"slurm_options\": [\"--qos=high\"]}'" % text)
+        if match.group(1) in SLURM_OWN:
+            _fail("slurm_options: %s is dsfleet's to set from the plan%s" % (
+                "--" + match.group(1), {"partition": "; use -e slurm_partition=...", "account": "; use -e "
+                                        "slurm_account=...", "time": "; use -e slurm_time=..."}.get(match.group(1), "")))
+
+
+def slurm_request(k, plan_hosts, accelerator):
+    """The allocation job.sbatch asks SLURM for: every planned node, whole (the plan sized their devices), one
+    task a node (the node's launcher starts its ranks), its devices as GRES. Nodes with different device counts are
+    one heterogeneous job component each (GRES are per node within a component)."""
+    gres = [("gpu:%d" % h["slots"]) if accelerator != "cpu" else None for h in plan_hosts]
+    components = [[h["slurm_node"] for h in plan_hosts]]
+    if len(set(gres)) > 1:
+        components = [[h["slurm_node"]] for h in plan_hosts]
+    options = []
+    for name in ("partition", "account", "time"):
+        if k["slurm_" + name]:
+            options.append("--%s=%s" % (name, k["slurm_" + name]))
+    if k["slurm_time"]:  # before the time limit: SIGTERM, so the ranks checkpoint before SLURM kills them
+        options.append("--signal=TERM@%d" % max(60, int(k["checkpoint_grace"])))
+    options += [str(o) for o in k["slurm_options"]]
+    return {"job_name": "dsfleet-" + k["run_id"], "submit": k["slurm_submit"], "nodes": [h["slurm_node"] for h in
+            plan_hosts], "components": [{"nodes": c, "gres": gres[[h["slurm_node"] for h in plan_hosts].index(c[0])]}
+                                        for c in components],
+            "options": options}
 
 
 def _check_torch_strategy(k, given):
@@ -1100,6 +1169,8 @@ def add_processes(plan, records):
     """Per host: paths, the rank-starting process, and the supervisor commands that start, watch and stop it."""
     by_name = {r["name"]: r for r in records}
     pdsh = plan["launcher"] == "pdsh"
+    slurm = plan["launcher"] == "slurm"
+    job = ["--slurm-job", plan["slurm"]["job_name"]] if slurm else []
     for host in plan["hosts"]:
         record = by_name[host["name"]]
         paths = host_paths(record["home"], record.get("venv") or record["home"] + "/venv", plan["run_id"])
@@ -1137,14 +1208,21 @@ def add_processes(plan, records):
             host["node_process"] = {"argv": [paths["torchrun"]] + torchrun_args(plan, host) + [paths["train"]]
                                     + train_args(plan, paths), "env": dict(env), "cwd": paths["run_dir"]}
         process = None
+        watch = plan["watch"]
+        supervise = _node(paths, "start", "--stall-timeout", str(watch["stall_timeout"]), "--startup-timeout",
+                          str(watch["startup_timeout"]), "--grace", str(watch["stop_grace"]))
         if pdsh and is_master:
             env["PDSH_RCMD_TYPE"] = "ssh"
             process = {"argv": [paths["deepspeed"]] + launcher_args(plan, None, paths) + [paths["train"]]
                        + train_args(plan, paths), "env": env, "cwd": paths["run_dir"]}
+        elif slurm:
+            # SLURM starts it: this node's step of job.sbatch runs the node's launcher under the supervisor, in the
+            # foreground (the step lasts as long as the ranks)
+            host["slurm_step"] = {"argv": supervise + ["--foreground", "--"] + host["node_process"]["argv"],
+                                  "env": dict(env), "cwd": paths["run_dir"]}
         elif not pdsh:
             process = dict(host["node_process"], env=env)
         host["process"] = process
-        watch = plan["watch"]
         preflight = {"argv": [paths["python"], paths["train"], "--preflight"] + train_args(plan, paths),
                      "env": dict(env), "cwd": paths["run_dir"]}
         host["commands"] = {
@@ -1155,13 +1233,15 @@ def add_processes(plan, records):
                       + (["--checkpoints"] if plan["training"]["resume"] else [])},
             # the supervisor outlives the controller and enforces the timeouts itself
             "start": None if process is None else {
-                "argv": _node(paths, "start", "--stall-timeout", str(watch["stall_timeout"]), "--startup-timeout",
-                              str(watch["startup_timeout"]), "--grace", str(watch["stop_grace"]), "--")
-                + process["argv"], "env": process["env"], "cwd": process["cwd"]},
+                "argv": supervise + ["--"] + process["argv"], "env": process["env"], "cwd": process["cwd"]},
+            # launcher=slurm: the master submits job.sbatch (on stdin: it carries the code) and cancels it
+            "submit": {"argv": ["sbatch", "--parsable"], "cwd": paths["home"]} if slurm and is_master else None,
+            "cancel": {"argv": ["scancel", "--me", "--name", plan["slurm"]["job_name"]]}
+            if slurm and is_master else None,
             "status": {"argv": _node(paths, "status", "--wait", str(watch["poll_interval"]))
-                       + (["--report"] if is_master else [])},
+                       + (["--report"] if is_master else []) + job},
             "status_now": {"argv": _node(paths, "status", "--devices", _device_spec(plan, host))
-                           + (["--report"] if is_master else [])},
+                           + (["--report"] if is_master else []) + job},
             "stop": {"argv": _node(paths, "stop", "--grace", str(watch["stop_grace"]))},
             # SIGTERM: every rank writes a checkpoint at its next step, then exits (train.py)
             "stop_checkpoint": {"argv": _node(paths, "stop", "--grace", str(watch["checkpoint_grace"]))},

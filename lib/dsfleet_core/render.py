@@ -2,6 +2,7 @@
 
     files(plan) -> {"plan.json", "hostfile", "ds_config.json", ".deepspeed_env", "replicas.json": text}
     node_scripts(plan, bundle_b64) -> {"nodes/<host>.sh": text}: each host's part started by hand
+    sbatch_script(plan, bundle_b64) -> text of job.sbatch (launcher=slurm): the whole run as one SLURM job
 """
 from __future__ import annotations
 
@@ -98,3 +99,98 @@ def node_script(plan, host, bundle_b64):
 
 def node_scripts(plan, bundle_b64):
     return {"nodes/%s.sh" % h["name"]: node_script(plan, h, bundle_b64) for h in plan["hosts"]}
+
+
+def _checks(host, name):
+    """Shell lines that stop a node's part early, naming the fix: no dsfleet venv, an input not there."""
+    q = shlex.quote
+    paths = host["paths"]
+    lines = ["if [ ! -x %s ]; then" % q(paths["python"]),
+             "  echo %s >&2" % q("%s: no dsfleet python environment at %s; run setup.yml for this host first (or "
+                                "build it as roles/python_env does)" % (name, paths["venv"])),
+             "  exit 2",
+             "fi"]
+    for item in host.get("inputs") or []:
+        if item.get("hub"):
+            fix = ("download it there first: %s/bin/hf download %s --revision %s --local-dir %s"
+                   % (paths["venv"], item["hub"], item["revision"], item["dest"]))
+        else:
+            fix = "copy %s from the controller to %s first" % (item["src"], item["dest"])
+        lines += ["if [ ! -e %s ]; then" % q(item["dest"]),
+                  "  echo %s >&2" % q("%s: the %s is not at %s: %s" % (name, item["name"], item["dest"], fix)),
+                  "  exit 2",
+                  "fi"]
+    return lines
+
+
+def sbatch_script(plan, bundle_b64):
+    """runs/<id>/job.sbatch (launcher=slurm): the run as one SLURM job. The batch part, on the first node of the
+    allocation, checks that SLURM gave the planned nodes and starts one step task a node (srun --bcast sends this
+    script to each); each node's part unpacks the code and the run's files this script carries, then runs under
+    the supervisor exactly what the ansible launcher runs on that host (its node rank, the master's address, the
+    environment). Ranks keep the plan's order: node rank 0 is the plan's master, whatever order SLURM lists them."""
+    q = shlex.quote
+    slurm = plan["slurm"]
+    master = plan["hosts"][0]
+    home = master["paths"]["home"]
+    nodes = slurm["nodes"]
+    output = "%s/slurm-%s-%%j.out" % (home, plan["run_id"])
+    head = [
+        "#!/bin/bash",
+        "# dsfleet run %s as one SLURM job: %d node(s), %d rank(s), %s, %s, strategy %s." % (
+            plan["run_id"], plan["nodes"], plan["world_size"], plan["accelerator"], plan["precision"],
+            plan["strategy"]),
+        "# Rendered from the plan (plan.json beside it): each node's step runs, under dsfleet's supervisor, what the",
+        "# ansible launcher runs on that host (nodes/<host>.sh: the same without SLURM). It carries the code and the",
+        "# run's files, so `sbatch job.sbatch` on any host of the cluster submits it; launch.yml -e launcher=slurm",
+        "# submits it on %s and follows it (squeue; every host's progress), then collects the results." % (
+            master["name"]),
+        "# Output of this batch part: %s on the first node of the allocation; each node's ranks log to" % output,
+        "# <run dir>/node.log there.",
+    ]
+    sb = []
+    for i, comp in enumerate(slurm["components"]):
+        if i:
+            sb.append("#SBATCH hetjob")
+        sb += ["#SBATCH --nodes=%d" % len(comp["nodes"]), "#SBATCH --nodelist=%s" % ",".join(comp["nodes"]),
+               "#SBATCH --ntasks-per-node=1", "#SBATCH --exclusive"]
+        if comp["gres"]:
+            sb.append("#SBATCH --gres=%s" % comp["gres"])
+        if i == 0:
+            sb += ["#SBATCH --job-name=%s" % slurm["job_name"], "#SBATCH --output=%s" % output,
+                   "#SBATCH --chdir=%s" % home]
+            sb += ["#SBATCH %s" % o for o in slurm["options"]]
+    body = ["set -euo pipefail", "", "unpack() {  # the code and the run's files, into the dsfleet home",
+            "  %s -c %s %s <<'DSFLEET_BUNDLE'" % ('"$1"', q(_UNPACK), '"$2"')]
+    body += [bundle_b64[i:i + 100] for i in range(0, len(bundle_b64), 100)]
+    body += ["DSFLEET_BUNDLE", "}", "", "node() {  # this node's part of the run (a step task)",
+             '  case "${SLURMD_NODENAME:-$(hostname -s)}" in']
+    for host in plan["hosts"]:
+        step, paths = host["slurm_step"], host["paths"]
+        body.append("    %s)  # node rank %d, %s: %d rank(s) from rank %d" % (
+            host["slurm_node"], host["node_rank"], host["name"], host["slots"], host["first_rank"]))
+        body += ["      " + line for line in _checks(host, "job.sbatch on %s" % host["slurm_node"])]
+        body.append("      unpack %s %s" % (q(paths["python"]), q(paths["home"])))
+        body.append("      cd %s" % q(step["cwd"]))
+        body += ["      export %s=%s" % (k, q(str(v))) for k, v in sorted(step["env"].items())]
+        body.append("      exec " + " ".join(q(a) for a in step["argv"]))
+        body.append("      ;;")
+    body += ['    *) echo "job.sbatch: node ${SLURMD_NODENAME:-?} is not in the plan (%s)" >&2; exit 2 ;;' % " ".join(
+        nodes), "  esac", "}", "",
+             'if [ "${1:-}" = --dsfleet-node ]; then node; fi', "",
+             "# the batch part: the planned nodes, then one step task on each",
+             'allocated=$(scontrol show hostnames "${SLURM_JOB_NODELIST:?run with sbatch}" | sort | xargs)',
+             "planned=%s" % q(" ".join(sorted(nodes))),
+             'if [ "$allocated" != "$planned" ]; then',
+             '  echo "job.sbatch: SLURM allocated $allocated; the plan is for $planned (run launch.yml again to '
+             'plan for these nodes)" >&2',
+             "  exit 2",
+             "fi",
+             "export MASTER_ADDR=%s MASTER_PORT=%d" % (q(plan["master"]["address"]), plan["master"]["port"]),
+             'echo "dsfleet run %s: SLURM job $SLURM_JOB_ID on $allocated; rank 0 on %s ($MASTER_ADDR:$MASTER_PORT)"'
+             % (plan["run_id"], master["slurm_node"]),
+             # every node's step in one srun; a node whose step fails ends the others (its peers would hang)
+             "srun %s --kill-on-bad-exit=1 --bcast=/tmp/dsfleet-%s-\"$SLURM_JOB_ID\".sbatch \"$0\" --dsfleet-node" % (
+                 ("--het-group=0-%d" % (len(slurm["components"]) - 1)) if len(slurm["components"]) > 1
+                 else "--nodes=%d --ntasks=%d --ntasks-per-node=1" % (len(nodes), len(nodes)), plan["run_id"])]
+    return "\n".join(head + sb + [""] + body) + "\n"

@@ -50,6 +50,17 @@ def plan_table(plan):
                                       plan["master"]["port"], plan["master"]["name"], plan["launcher"]
                                       + (" (torchrun on every host)" if plan.get("strategy", "deepspeed") != "deepspeed"
                                          else ""), strategy_text(plan)))
+    slurm = plan.get("slurm")
+    if slurm:
+        comps = slurm["components"]
+        lines.append("slurm: job %s on node(s) %s, whole nodes, one step task each%s%s%s; %s" % (
+            slurm["job_name"], ",".join(slurm["nodes"]),
+            ", --gres=%s" % comps[0]["gres"] if len(comps) == 1 and comps[0]["gres"] else "",
+            ", a heterogeneous job (one component per node: %s)" % ", ".join(
+                "%s %s" % (c["nodes"][0], c["gres"]) for c in comps) if len(comps) > 1 else "",
+            (", " + " ".join(slurm["options"])) if slurm["options"] else "",
+            "submitted on %s" % plan["master"]["name"] if slurm["submit"]
+            else "not submitted (slurm_submit=false): sbatch job.sbatch on a SLURM host"))
     resume = plan.get("resume")
     if resume:
         prev = resume.get("previous")
@@ -168,6 +179,10 @@ def follow_line(status):
         return "step %d/%d  loss %s  %s tokens/s  elapsed %s  ETA %s" % (
             step, total, "%.4f" % loss if _finite(loss) else "n/a", "%.0f" % (p.get("tokens_per_s") or 0),
             _duration(elapsed), _duration(eta) if eta is not None else "n/a")
+    job = st.get("slurm") or {}
+    if st.get("state") == "queued" and job.get("id"):
+        reason = job.get("reason") if job.get("reason") not in (None, "", "None", "(null)") else ""
+        return "queued: SLURM job %s %s%s" % (job["id"], job.get("state", "?"), " (%s)" % reason if reason else "")
     started = float(st.get("started_at") or now)
     # the newest log line that says something (DeepSpeed's INFO lines repeat the whole command)
     last = [ln.strip() for ln in (st.get("log_tail") or "").splitlines() if ln.strip() and "[INFO]" not in ln][-1:]

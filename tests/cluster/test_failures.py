@@ -25,6 +25,7 @@ from helpers import ROOT, RUNS, run_playbook
 
 sys.path.insert(0, str(ROOT / "tests" / "rig"))
 import fake_hub  # noqa: E402
+import slurm as slurmmod  # noqa: E402
 
 import rig as rigmod  # noqa: E402
 
@@ -543,6 +544,105 @@ def test_a_model_only_the_hosts_have_is_sized_from_the_masters_config(cluster, t
     note = json.loads((RUNS / nowhere_id / "plan.json").read_text())["sizing"]["note"]
     assert note.startswith("not sized: no config.json for /root/no-such-model on the controller nor on h1: "
                            "/root/no-such-model is neither a directory nor a hub id"), note
+
+
+@pytest.fixture(scope="module")
+def slurm(cluster):
+    """A real SLURM on the rig's hosts: slurmctld on h1, slurmd on h1-h3, one munged (tests/rig/slurm.py)."""
+    s = slurmmod.start(cluster)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def losses_of(run_id):
+    return {r["step"]: r["loss"] for r in map(json.loads, (RUNS / run_id / "metrics.jsonl").read_text().splitlines())
+            if r["event"] == "step"}
+
+
+def test_a_slurm_job_trains_on_three_nodes(cluster, slurm, tmp_path):
+    """launcher=slurm: launch.yml renders job.sbatch from the plan, submits it on the master, follows it (queued,
+    then each node's progress) and collects as the other launchers do; the job's batch output comes back too."""
+    result, run_id, _ = launch(cluster, tmp_path, launcher="slurm", max_steps=20, log_every=1)
+    assert result.rc == 0, result.stdout[-5000:] + slurm.log_tails()
+    run = RUNS / run_id
+    job = json.loads((run / "slurm.json").read_text())["job_id"]
+    assert "submitted as SLURM job %d (dsfleet-%s, 3 node(s): h1,h2,h3)" % (job, run_id) in result.stdout
+    assert "slurm: job dsfleet-%s on node(s) h1,h2,h3, whole nodes, one step task each" % run_id in result.stdout
+    script = (run / "job.sbatch").read_text()
+    assert "#SBATCH --nodelist=h1,h2,h3\n#SBATCH --ntasks-per-node=1\n" in script
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["launcher"], summary["steps"], summary["world_size"]) == ("slurm", 20, 3)
+    assert summary["final_loss"] < summary["first_loss"], summary
+    batch = (run / "logs" / ("slurm-%s-%d.out" % (run_id, job))).read_text()
+    assert "SLURM job %d on h1 h2 h3; rank 0 on h1" % job in batch, batch
+    for host in cluster.names:
+        assert "==== dsfleet_node: started" in (run / "logs" / ("%s.log" % host)).read_text()
+    shown = slurm.run("h1", "scontrol show job %d -o" % job).stdout
+    assert "JobState=COMPLETED" in shown and "ExitCode=0:0" in shown, shown
+    assert {h: training_pids(cluster, h) for h in cluster.names} == {h: [] for h in cluster.names}
+
+
+def test_a_cancelled_or_failed_slurm_job_fails_the_play_naming_the_node_and_resumes(cluster, slurm, tmp_path):
+    """scancel of a running job: follow.yml (re-attached to a detached start) fails naming the node and the
+    cancellation; the ranks checkpointed on SLURM's SIGTERM, and launch.yml -e resume continues from there. A rank
+    killed on h2: the play fails naming h2, and SLURM records the job as failed. Nothing is left running."""
+    result, run_id, _ = launch(cluster, tmp_path, launcher="slurm", follow=False, max_steps=3000, log_every=1,
+                               save_every_minutes=0)
+    assert result.rc == 0, result.stdout[-4000:]
+    job = json.loads((RUNS / run_id / "slurm.json").read_text())["job_id"]
+    assert "follow:  ./dsfleet playbooks/follow.yml -e run_id=%s" % run_id in result.stdout
+    wait_for_step(cluster, run_id, 5)
+    cancel = slurm.run("h2", "scancel %d" % job)
+    assert cancel.returncode == 0, cancel.stderr
+    followed = operate(cluster, tmp_path, "playbooks/follow.yml", run_id)
+    assert followed.rc != 0
+    failure = " ".join(followed.failures)
+    assert re.search(r"training failed on h[123]: SLURM job %d CANCELLED" % job, failure), followed.stdout[-4000:]
+    assert {h: training_pids(cluster, h) for h in cluster.names} == {h: [] for h in cluster.names}
+    out = home(cluster, "h1") / ".dsfleet" / "runs" / run_id / "out"
+    halt = max(int(p.parent.name[11:]) for p in (out / "checkpoint").glob("global_step*/.dsfleet-complete"))
+    assert halt >= 5
+    resumed = run_playbook("launch.yml", dict(VARS, resume=run_id, max_steps=halt + 4), inventory=cluster.inventory,
+                           envvars={"ANSIBLE_SSH_CONTROL_PATH_DIR": str(tmp_path / "cp2")})
+    assert resumed.rc == 0, resumed.stdout[-5000:] + slurm.log_tails()
+    assert "resuming from step %d, complete on every host (the same layout: exact)" % halt in resumed.stdout
+    assert sorted(s for s in losses_of(run_id) if s > halt) == list(range(halt + 1, halt + 5))
+    summary = json.loads((RUNS / run_id / "summary.json").read_text())
+    assert (summary["launcher"], summary["steps"]) == ("slurm", halt + 4)
+
+    killed = []
+
+    def kill_a_rank_on_h2():
+        deadline = time.time() + 400
+        while time.time() < deadline and not killed:
+            for pid in training_pids(cluster, "h2"):
+                cmdline = pathlib.Path("/proc/%d/cmdline" % pid).read_bytes()
+                if b"--local_rank" in cmdline and b"deepspeed.launcher" not in cmdline and list(
+                        (home(cluster, "h1") / ".dsfleet" / "runs").glob("%s/out/heartbeat/rank-0" % failing[0])):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+            time.sleep(0.5)
+
+    failing = ["rig-%s" % uuid.uuid4().hex[:6]]
+    killer = threading.Thread(target=kill_a_rank_on_h2, daemon=True)
+    killer.start()
+    result = run_playbook("launch.yml", dict(VARS, run_id=failing[0], launcher="slurm", max_steps=3000),
+                          inventory=cluster.inventory, envvars={"ANSIBLE_SSH_CONTROL_PATH_DIR": str(tmp_path / "cp3")})
+    killer.join(timeout=5)
+    assert killed, "never saw a training rank on h2"
+    assert result.rc != 0
+    assert any("training failed on h2:" in f and "Every rank was stopped" in f for f in result.failures), \
+        result.failures
+    job = json.loads((RUNS / failing[0] / "slurm.json").read_text())["job_id"]
+    deadline = time.time() + 60
+    while "JobState=FAILED" not in slurm.run("h1", "scontrol show job %d -o" % job).stdout and time.time() < deadline:
+        time.sleep(1)
+    assert "JobState=FAILED" in slurm.run("h1", "scontrol show job %d -o" % job).stdout
+    assert {h: training_pids(cluster, h) for h in cluster.names} == {h: [] for h in cluster.names}
+    assert slurm.run("h1", "squeue -h -t R,PD -o %i").stdout.strip() == ""
 
 
 def test_unreachable_host_fails_fast(cluster, tmp_path):

@@ -3,7 +3,7 @@
 
 Each host is a network namespace with a veth into a bridge in the root namespace (the
 controller), its own sshd (own host key, own mount + uts namespace: private /root, /tmp,
-/usr/local/bin, /opt/dsfleet, /etc/ssh, /etc/hosts, and a fresh /dev/shm) and its own hostname.
+/usr/local/bin, /opt/dsfleet, /etc/ssh, /etc/hosts, /etc/slurm, and a fresh /dev/shm) and its own hostname.
 
 CLI:
     rig.py create  --hosts N --state-dir DIR [--prefix dsf] [--subnet 10.177.53.0/24]
@@ -56,6 +56,8 @@ PRIVATE_MOUNTS = {
     "root": "/root",
     "usr-local-bin": "/usr/local/bin",
     "opt-dsfleet": "/opt/dsfleet",
+    # empty: tests/rig/slurm.py writes the host's slurm.conf here (plain sbatch/squeue read /etc/slurm/slurm.conf)
+    "etc-slurm": "/etc/slurm",
     "tmp": "/tmp",
 }
 REQUIRED_TOOLS = {
@@ -352,7 +354,7 @@ def _ssh_keygen(path: str, comment: str) -> str:
 
 def _prepare_host_dir(hdir: str, name: str, address: str, ctl_pub: str, all_hosts: list[tuple[str, str]],
                       ctl_address: str, copy_pip_config: bool) -> str:
-    """Create DIR/hosts/<name>/{etc-ssh,etc-hosts,root,tmp,usr-local-bin,opt-dsfleet}; return host pubkey."""
+    """Create DIR/hosts/<name>/{etc-ssh,etc-hosts,root,tmp,usr-local-bin,opt-dsfleet,etc-slurm}; return host pubkey."""
     if os.path.isdir(hdir):
         shutil.rmtree(hdir)
     os.makedirs(hdir, mode=0o755)
@@ -389,7 +391,7 @@ def _prepare_host_dir(hdir: str, name: str, address: str, ctl_pub: str, all_host
     tmp = os.path.join(hdir, "tmp")
     os.makedirs(tmp)
     os.chmod(tmp, 0o1777)
-    for d in ("usr-local-bin", "opt-dsfleet"):
+    for d in ("usr-local-bin", "opt-dsfleet", "etc-slurm"):
         os.makedirs(os.path.join(hdir, d), mode=0o755)
     return host_pub
 
@@ -493,6 +495,7 @@ def _build(rig: Rig, net: ipaddress.IPv4Network, host_specs: list[dict], copy_pi
     os.makedirs(os.path.join(sd, "hosts"), exist_ok=True)
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     os.makedirs("/opt/dsfleet", mode=0o755, exist_ok=True)  # mount point only; never written to
+    os.makedirs("/etc/slurm", mode=0o755, exist_ok=True)  # mount point only; never written to
     all_hosts = [(h["name"], h["address"]) for h in host_specs]
     for spec in host_specs:
         name, ns, veth, addr = spec["name"], spec["netns"], spec["veth"], spec["address"]

@@ -271,3 +271,70 @@ def test_tidy_removes_only_what_no_process_holds(tmp_path):
     assert node_mod.tidy(shm_dir=str(shm), extension_dirs=[str(ext)]) == {"segments": [], "freed_mib": 0.0,
                                                                           "locks": []}
     assert node_mod._tidy_note({"segments": [], "freed_mib": 0.0, "locks": []}) is None
+
+
+# squeue -h --me --states=all --name N -o '%i|%T|%r|%N' and scontrol show job ID -o as slurm-wlm 22.05.8 printed
+# them on the rig (tests/rig/slurm.py); the fake tools print what the test puts in their files
+FAKE_SLURM_TOOL = "#!/bin/sh\ncat \"$(dirname \"$0\")/$(basename \"$0\").out\"\n"
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    tools = tmp_path / "slurm-bin"
+    tools.mkdir()
+    for name in ("squeue", "scontrol"):
+        (tools / name).write_text(FAKE_SLURM_TOOL)
+        (tools / name).chmod(0o755)
+        (tools / (name + ".out")).write_text("")
+    monkeypatch.setenv("PATH", "%s:%s" % (tools, os.environ["PATH"]))
+
+    def say(squeue, scontrol=""):
+        (tools / "squeue.out").write_text(squeue)
+        (tools / "scontrol.out").write_text(scontrol)
+    return say
+
+
+def test_status_of_a_slurm_run_waits_for_the_job_and_says_how_it_ended(run_dir, fake_slurm):
+    job = ["--slurm-job", "dsfleet-r"]
+    fake_slurm("7|PENDING|Resources|\n")
+    st = node("status", "--run-dir", run_dir, *job)
+    assert st["state"] == "queued" and st["slurm"]["id"] == 7 and st["slurm"]["reason"] == "Resources"
+    fake_slurm("")
+    st = node("status", "--run-dir", run_dir, *job)
+    assert st["state"] == "missing" and st["reason"].startswith("no SLURM job named dsfleet-r is queued or known")
+    # an earlier attempt of the same run id is still listed: the newest job counts
+    fake_slurm("6|COMPLETED|None|h[1-3]\n9|CANCELLED|None|h[1-3]\n",
+               "JobId=9 JobName=dsfleet-r UserId=root(0) JobState=CANCELLED Reason=None Dependency=(null) "
+               "Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:15 NodeList=h[1-3] BatchHost=h1\n")
+    st = node("status", "--run-dir", run_dir, *job)
+    assert (st["state"], st["rc"]) == ("exited", 143)
+    assert st["reason"] == "SLURM job 9 CANCELLED before this host's ranks started"
+
+
+def test_a_foreground_supervisor_passes_slurms_sigterm_to_the_ranks_and_exits_with_their_code(run_dir,
+                                                                                                fake_slurm):
+    script = run_dir / "fake_rank.py"
+    script.write_text(FAKE_RANK)
+    proc = subprocess.Popen([sys.executable, str(NODE), "start", "--run-dir", str(run_dir), "--foreground",
+                             "--stall-timeout", "60", "--", sys.executable, str(script), str(run_dir / "out"), "3",
+                             "hang"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        said = proc.stdout.readline()
+        state = json.loads((run_dir / "node.json").read_text())
+        assert state["foreground"] and state["supervisor"] == proc.pid
+        assert said == "dsfleet_node: %s: started %s (pid %d); its output: %s/node.log\n" % (
+            os.uname().nodename, os.path.basename(sys.executable), state["pid"], run_dir)
+        fake_slurm("7|RUNNING|None|h1\n")
+        assert node("status", "--run-dir", run_dir, "--slurm-job", "dsfleet-r")["state"] == "running"
+        time.sleep(0.5)
+        proc.send_signal(15)          # what scancel sends every process of the step
+        assert proc.wait(timeout=20) == 128 + 15      # the rank died of the SIGTERM passed on to it
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert node("ps", "--run-dir", run_dir)["pids"] == []
+    fake_slurm("7|CANCELLED|None|h1\n", "JobId=7 JobState=CANCELLED Reason=None ExitCode=0:15 NodeList=h1\n")
+    st = node("status", "--run-dir", run_dir, "--slurm-job", "dsfleet-r")
+    assert (st["state"], st["rc"]) == ("exited", -15)
+    assert st["reason"] == ("SLURM job 7 CANCELLED: the supervisor got SIGTERM (the job was cancelled, or reached its "
+                            "time limit)")

@@ -830,3 +830,96 @@ def test_a_torch_strategy_resumes_only_its_own_layout_and_strategy():
     assert (R.resume_source(listings, plan)["step"], R.resume_source(listings, plan)["mode"]) == (8, "exact")
     del listings["h1"]["layouts"]["8"]
     assert R.resume_source(listings, plan)["mode"] == "none"
+
+
+# --- launcher=slurm: one batch script from the plan ---------------------------------------------------------------
+
+def test_slurm_plan_submits_on_the_master_and_every_node_step_runs_what_the_ansible_launcher_runs_there(tmp_path):
+    """launcher=slurm: no host starts ranks itself (commands.start is null); the master submits job.sbatch and
+    cancels it by name; every host is watched, its status asking SLURM about the job; each node's step is the
+    supervisor in the foreground around exactly the node process the ansible launcher starts there."""
+    import shlex
+    import subprocess
+
+    from dsfleet_core import render
+    hosts = [host(n, 11 + i, [A100(0), A100(1)], hostname="node-" + n) for i, n in enumerate("abc")]
+    hosts[2]["slurm_node"] = "gpu07"
+    for strategy in ("deepspeed", "fsdp"):
+        plan = make_plan(hosts, {"launcher": "slurm", "strategy": strategy, "max_steps": 10})
+        ansible = make_plan(hosts, {"strategy": strategy, "max_steps": 10})
+        assert plan["slurm"]["job_name"] == "dsfleet-r" and plan["slurm"]["nodes"] == ["node-a", "node-b", "gpu07"]
+        assert plan["slurm"]["components"] == [{"nodes": ["node-a", "node-b", "gpu07"], "gres": "gpu:2"}]
+        for h, other in zip(plan["hosts"], ansible["hosts"]):
+            assert h["commands"]["start"] is None and h["watched"] and h["process"] is None
+            assert h["node_process"] == other["node_process"]
+            step = h["slurm_step"]["argv"]
+            assert step[step.index("--") + 1:] == other["process"]["argv"]
+            assert step[:step.index("--")] == other["commands"]["start"]["argv"][:step.index("--") - 1] + [
+                "--foreground"]
+            assert h["slurm_step"]["env"] == other["process"]["env"]
+            assert h["commands"]["status"]["argv"][-2:] == ["--slurm-job", "dsfleet-r"]
+            assert (h["commands"]["submit"] is not None) == (h["node_rank"] == 0)
+        assert plan["hosts"][0]["commands"]["submit"]["argv"] == ["sbatch", "--parsable"]
+        assert plan["hosts"][0]["commands"]["cancel"]["argv"] == ["scancel", "--me", "--name", "dsfleet-r"]
+        text = render.sbatch_script(plan, "QUJD" * 60)
+        sbatch = [ln for ln in text.splitlines() if ln.startswith("#SBATCH")]
+        assert sbatch[:8] == ["#SBATCH --nodes=3", "#SBATCH --nodelist=node-a,node-b,gpu07",
+                              "#SBATCH --ntasks-per-node=1", "#SBATCH --exclusive", "#SBATCH --gres=gpu:2",
+                              "#SBATCH --job-name=dsfleet-r", "#SBATCH --output=/home/u/.dsfleet/slurm-r-%j.out",
+                              "#SBATCH --chdir=/home/u/.dsfleet"]
+        for h in plan["hosts"]:
+            part = text.split("    %s)  # node rank %d" % (h["slurm_node"], h["node_rank"]))[1].split(";;")[0]
+            assert "      exec " + " ".join(shlex.quote(a) for a in h["slurm_step"]["argv"]) in part
+            assert ["export %s=%s" % (k, shlex.quote(str(v))) for k, v in sorted(h["slurm_step"]["env"].items())] \
+                == [ln.strip() for ln in part.splitlines() if ln.strip().startswith("export ")]
+        assert "srun --nodes=3 --ntasks=3 --ntasks-per-node=1 --kill-on-bad-exit=1" in text
+        assert "planned='gpu07 node-a node-b'" in text and "MASTER_ADDR=10.1.0.11 MASTER_PORT=29500" in text
+        path = tmp_path / "job.sbatch"
+        path.write_text(text)
+        assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+        # a node's part where there is no venv: it names the fix and starts nothing
+        ran = subprocess.run(["bash", str(path), "--dsfleet-node"], capture_output=True, text=True,
+                             env={"SLURMD_NODENAME": "gpu07", "PATH": "/usr/bin:/bin"})
+        assert ran.returncode == 2 and "job.sbatch on gpu07: no dsfleet python environment at " \
+            "/home/u/.dsfleet/venv; run setup.yml" in ran.stderr
+        ran = subprocess.run(["bash", str(path), "--dsfleet-node"], capture_output=True, text=True,
+                             env={"SLURMD_NODENAME": "gpu99", "PATH": "/usr/bin:/bin"})
+        assert ran.returncode == 2 and "node gpu99 is not in the plan (node-a node-b gpu07)" in ran.stderr
+        ran = subprocess.run(["bash", str(path)], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+        assert ran.returncode != 0 and "SLURM_JOB_NODELIST: run with sbatch" in ran.stderr
+    assert any(line.startswith("slurm: job dsfleet-r on node(s) node-a,node-b,gpu07, whole nodes, one step task "
+                               "each, --gres=gpu:2") for line in R.plan_table(plan))
+
+
+def test_slurm_plan_options_heterogeneous_nodes_and_what_it_refuses():
+    plan = make_plan([host("a", 11, [A100(0), A100(1)]), host("v", 12, [V100(0)])],
+                     {"launcher": "slurm", "slurm_time": "1-00:00:00", "slurm_partition": "gpu",
+                      "slurm_options": ["--qos=high", "--mail-type=END"], "checkpoint_grace": 600})
+    assert plan["slurm"]["components"] == [{"nodes": ["a"], "gres": "gpu:2"}, {"nodes": ["v"], "gres": "gpu:1"}]
+    assert plan["slurm"]["options"] == ["--partition=gpu", "--time=1-00:00:00", "--signal=TERM@600", "--qos=high",
+                                        "--mail-type=END"]
+    from dsfleet_core import render
+    text = render.sbatch_script(plan, "QUJD")
+    assert "#SBATCH --nodelist=a\n#SBATCH --ntasks-per-node=1\n#SBATCH --exclusive\n#SBATCH --gres=gpu:2\n" in text
+    assert "#SBATCH hetjob\n#SBATCH --nodes=1\n#SBATCH --nodelist=v\n#SBATCH --ntasks-per-node=1\n" \
+        "#SBATCH --exclusive\n#SBATCH --gres=gpu:1\n" in text
+    assert "srun --het-group=0-1 --kill-on-bad-exit=1" in text
+    cpu = make_plan([host("c1", 11), host("c2", 12)], {"launcher": "slurm", "slurm_submit": False})
+    assert cpu["dry_run"] and cpu["slurm"]["components"] == [{"nodes": ["c1", "c2"], "gres": None}]
+    assert "--gres" not in render.sbatch_script(cpu, "QUJD")
+    assert any("not submitted (slurm_submit=false)" in line for line in R.plan_table(cpu))
+    two = [host("a", 11, [A100(0)]), host("b", 12, [A100(0)])]
+    bad = [({"slurm_time": "tomorrow"}, "slurm_time=tomorrow is not a SLURM time limit"),
+           ({"slurm_options": ["--qos high"]}, "is not one `--name` or `--name=value` sbatch option"),
+           ({"slurm_options": ["--nodelist=x"]}, "--nodelist is dsfleet's to set from the plan"),
+           ({"slurm_options": ["--time=5"]}, "--time is dsfleet's to set from the plan; use -e slurm_time=..."),
+           ({"slurm_partition": "gpu;rm"}, "slurm_partition=gpu;rm: letters, digits")]
+    for knobs, message in bad:
+        with pytest.raises(PlanError, match=message.replace("(", r"\(").replace("?", r"\?").replace(".", r"\.")):
+            make_plan(two, dict({"launcher": "slurm"}, **knobs))
+    with pytest.raises(PlanError, match="hosts a and b are both SLURM node n1; set slurm_node"):
+        make_plan([host("a", 11, [A100(0)], hostname="n1"), host("b", 12, [A100(0)], hostname="n1")],
+                  {"launcher": "slurm"})
+    with pytest.raises(PlanError, match="launcher=slurm runs one batch script on every host, but the dsfleet paths"):
+        make_plan([host("a", 11, [A100(0)]), host("b", 12, [A100(0)], home="/x", venv="/x/venv")],
+                  {"launcher": "slurm"})

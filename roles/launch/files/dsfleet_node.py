@@ -4,8 +4,12 @@
 
     dsfleet_node.py start  --run-dir D [--stall-timeout S] [--startup-timeout S] [--grace S] -- CMD ARGS...
                                     start CMD detached in its own process group, log to D/node.log, and watch it
-    dsfleet_node.py status --run-dir D [--wait S] [--report]
-                                    JSON: state running|exited|missing, rc, reason, progress, ranks alive, log tail
+    dsfleet_node.py start --foreground ...       the same, in the foreground (a SLURM step's task: SLURM holds
+                                    the step until it ends); SIGTERM/SIGINT go to the ranks, the exit code is theirs
+    dsfleet_node.py status --run-dir D [--wait S] [--report] [--slurm-job NAME]
+                                    JSON: state running|exited|missing, rc, reason, progress, ranks alive, log tail;
+                                    with NAME (launcher=slurm), the newest SLURM job of that name: `queued` while it
+                                    has not started this host's step, and why it ended when it did not finish
     dsfleet_node.py stop   --run-dir D [--grace S]      SIGTERM the process group and every process naming D, then KILL
     dsfleet_node.py ps     --run-dir D                  JSON: PIDs of processes whose command line names D
     dsfleet_node.py checkpoints --run-dir D             JSON: the checkpoints this host holds (own, replicas, universal)
@@ -370,6 +374,8 @@ def cmd_start(args):
     if os.path.isdir(beats):
         for name in os.listdir(beats):
             os.unlink(os.path.join(beats, name))
+    if args.foreground:
+        return _start_foreground(args, run_dir, command)
     read_fd, write_fd = os.pipe()
     if os.fork():  # parent: wait for the supervisor to report the child's PID
         os.close(write_fd)
@@ -420,6 +426,60 @@ def cmd_start(args):
         f.write("%d\n" % rc)
     os.replace(os.path.join(run_dir, RC + ".tmp"), os.path.join(run_dir, RC))
     os._exit(0)
+
+
+def _start_foreground(args, run_dir, command):
+    """``start --foreground``: supervise COMMAND as ``start`` does, without detaching (SLURM's step is this
+    process). SIGTERM or SIGINT (scancel, the time limit's --signal, Ctrl-C) goes on to the ranks' process group,
+    which checkpoint and exit (train.py); the exit code is the command's."""
+    log = open(os.path.join(run_dir, LOG), "ab", buffering=0)
+    log.write(("%s %s\n" % (START_MARK, time.strftime("%Y-%m-%d %H:%M:%S"))).encode())
+    env = dict(os.environ)
+    for item in args.env or []:
+        key, _, value = item.partition("=")
+        env[key] = value
+    _log_tidy(log, tidy(env))
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        child = subprocess.Popen(command, cwd=run_dir, stdin=devnull, stdout=log, stderr=subprocess.STDOUT,
+                                 env=env, start_new_session=True)
+    except OSError as exc:
+        log.write(("dsfleet_node: cannot start %s: %s\n" % (command[0], exc)).encode())
+        _write(os.path.join(run_dir, RC), "127\n")
+        print("dsfleet_node: cannot start %s: %s" % (command[0], exc), file=sys.stderr)
+        return 127
+
+    def forward(signum, _frame):
+        if not os.path.exists(os.path.join(run_dir, REASON)):
+            _write(os.path.join(run_dir, REASON), "the supervisor got %s (the job was cancelled, or reached its time "
+                   "limit)\n" % signal.Signals(signum).name)
+        log.write(("dsfleet_node: got %s; passing it to the ranks (they checkpoint, then exit)\n"
+                   % signal.Signals(signum).name).encode())
+        try:
+            os.killpg(child.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    state = {"pid": child.pid, "pgid": child.pid, "supervisor": os.getpid(), "started_at": time.time(),
+             "command": command, "stall_timeout": args.stall_timeout, "startup_timeout": args.startup_timeout,
+             "foreground": True, "slurm_job": os.environ.get("SLURM_JOB_ID")}
+    with open(os.path.join(run_dir, STATE + ".tmp"), "w") as f:
+        json.dump(state, f)
+    os.replace(os.path.join(run_dir, STATE + ".tmp"), os.path.join(run_dir, STATE))
+    print("dsfleet_node: %s: started %s (pid %d); its output: %s" % (
+        os.uname().nodename, os.path.basename(command[0]), child.pid, os.path.join(run_dir, LOG)), flush=True)
+    rc, _ = watch(child, run_dir, state["started_at"], args.stall_timeout, args.startup_timeout, args.grace)
+    _log_tidy(log, tidy(env))
+    with open(os.path.join(run_dir, RC + ".tmp"), "w") as f:
+        f.write("%d\n" % rc)
+    os.replace(os.path.join(run_dir, RC + ".tmp"), os.path.join(run_dir, RC))
+    if rc != 0:
+        print("dsfleet_node: %s: the ranks exited with code %d; see %s" % (os.uname().nodename, rc,
+                                                                            os.path.join(run_dir, LOG)),
+              file=sys.stderr, flush=True)
+    return rc if 0 <= rc < 256 else 128 + min(127, -rc)
 
 
 def _log_tidy(log, done):
@@ -548,13 +608,78 @@ def device_readings(spec):
     return out
 
 
+# SLURM job states (squeue %T): the job may still start this host's step; or it ended in one of the others
+SLURM_COMING = {"PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
+                "SUSPENDED", "SIGNALING"}
+SLURM_BAD = {"BOOT_FAIL", "CANCELLED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT",
+             "REVOKED", "SPECIAL_EXIT"}
+
+
+def slurm_job(name):
+    """The newest SLURM job named ``name`` that slurmctld still knows (squeue lists ended jobs for MinJobAge):
+    {id, state, reason, nodes, exit_code}, {"error"} when squeue fails, or None when there is none."""
+    text, error = _run(["squeue", "-h", "--me", "--states=all", "--name", name, "-o", "%i|%T|%r|%N"])
+    if text is None:
+        return {"error": "squeue: %s" % error}
+    jobs = []
+    for line in text.splitlines():
+        cells = line.strip().split("|")
+        if len(cells) == 4 and cells[0].isdigit():
+            jobs.append({"id": int(cells[0]), "state": cells[1], "reason": cells[2], "nodes": cells[3],
+                         "exit_code": None})
+    if not jobs:
+        return None
+    job = max(jobs, key=lambda j: j["id"])
+    if job["state"] not in SLURM_COMING:
+        shown, _ = _run(["scontrol", "show", "job", str(job["id"]), "-o"])
+        found = re.search(r"\bExitCode=(\d+):(\d+)", shown or "")
+        if found:
+            job["exit_code"] = int(found.group(1)) or (128 + int(found.group(2)) if int(found.group(2)) else 0)
+    return job
+
+
+def _with_slurm(current, name):
+    """Add the run's SLURM job to a host's status: ``queued`` until the job starts this host's step; why the job
+    ended when it ended badly (cancelled, failed, timed out, a node failed)."""
+    if current["state"] == "running":
+        return current
+    job = slurm_job(name)
+    current["slurm"] = job
+    if job is None:
+        if current["state"] == "missing":
+            current["reason"] = ("no SLURM job named %s is queued or known to slurmctld (never submitted, or it "
+                                 "ended longer ago than MinJobAge)" % name)
+        return current
+    if "error" in job:
+        if current["state"] == "missing":
+            current["reason"] = "cannot ask SLURM about job %s: %s" % (name, job["error"])
+        return current
+    what = "SLURM job %d %s%s" % (job["id"], job["state"], " (%s)" % job["reason"]
+                                  if job["reason"] and job["reason"] not in ("None", "(null)") else "")
+    if current["state"] == "missing":
+        if job["state"] in SLURM_COMING:
+            current["state"] = "queued"
+            return current
+        current["state"], current["rc"] = "exited", job["exit_code"] or 1
+        current["reason"] = "%s before this host's ranks started" % what
+    elif job["state"] in SLURM_BAD:
+        current["reason"] = what + (": " + current["reason"] if current.get("reason") else "")
+        if not current.get("rc"):
+            current["rc"] = job["exit_code"] or 1
+    return current
+
+
 def cmd_status(args):
     deadline = time.time() + max(0.0, args.wait)
     current = status(args.run_dir, args.report)
-    while time.time() < deadline and current["state"] == "running":
-        time.sleep(0.5)
+    if args.slurm_job:
+        current = _with_slurm(current, args.slurm_job)
+    while time.time() < deadline and current["state"] in ("running", "queued"):
+        time.sleep(0.5 if current["state"] == "running" else 2)
         current = status(args.run_dir, args.report)
-        if current["state"] != "running":
+        if args.slurm_job:
+            current = _with_slurm(current, args.slurm_job)
+        if current["state"] not in ("running", "queued"):
             break
     if args.devices:
         current["devices"] = device_readings(args.devices)
@@ -991,6 +1116,7 @@ def main(argv=None):
     p.add_argument("--startup-timeout", type=float, default=0, help="stop the run when no step comes within S s")
     p.add_argument("--grace", type=float, default=10, help="seconds between SIGTERM and SIGKILL when stopping")
     p.add_argument("--env", action="append", help="KEY=VALUE added to the command's environment")
+    p.add_argument("--foreground", action="store_true", help="do not detach (a SLURM step); exit with the rc")
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_start)
     p = sub.add_parser("status")
@@ -998,6 +1124,7 @@ def main(argv=None):
     p.add_argument("--wait", type=float, default=0, help="wait up to S seconds, returning early when the process exits")
     p.add_argument("--report", action="store_true", help="mark this host's status as the one a follower prints")
     p.add_argument("--devices", help="add device readings: nvidia:0,1 | amd:0 | intel:0 | cpu")
+    p.add_argument("--slurm-job", help="the SLURM job name of the run (launcher=slurm)")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("stop")
     p.add_argument("--run-dir", required=True)
