@@ -249,7 +249,8 @@ def status_table(plan, statuses):
     if judged["state"] == "failed":
         lines.append("run %s: failed on %s: %s" % (plan["run_id"], judged["host"], judged["reason"]))
     else:
-        lines.append("run %s: %s" % (plan["run_id"], judged["line"] if judged["state"] == "done" else
+        queued = all((statuses.get(h["name"]) or {}).get("state") == "queued" for h in plan["hosts"])
+        lines.append("run %s: %s" % (plan["run_id"], judged["line"] if judged["state"] == "done" or queued else
                                      "running — " + judged["line"]))
     for h in plan["hosts"]:
         st = statuses.get(h["name"]) or {}

@@ -562,13 +562,35 @@ def losses_of(run_id):
 
 
 def test_a_slurm_job_trains_on_three_nodes(cluster, slurm, tmp_path):
-    """launcher=slurm: launch.yml renders job.sbatch from the plan, submits it on the master, follows it (queued,
-    then each node's progress) and collects as the other launchers do; the job's batch output comes back too."""
-    result, run_id, _ = launch(cluster, tmp_path, launcher="slurm", max_steps=20, log_every=1)
+    """launcher=slurm: launch.yml renders job.sbatch from the plan, submits it on the master, follows it (queued
+    while another job holds h3, then each node's progress) and collects as the other launchers do; the job's batch
+    output comes back too."""
+    blocker = slurm.run("h1", "sbatch --parsable --exclusive -w h3 -J blocker --wrap 'sleep 600'")
+    assert blocker.returncode == 0, blocker.stderr
+    run_id = "rig-%s" % uuid.uuid4().hex[:6]
+    released = []
+
+    def release_h3_once_queued():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if slurm.run("h1", "squeue -h -t PD -n dsfleet-%s -o %%i" % run_id).stdout.strip():
+                time.sleep(6)       # long enough for the follow loop to report it queued (poll_interval 2)
+                released.append(slurm.run("h1", "scancel %s" % blocker.stdout.strip()).returncode)
+                return
+            time.sleep(0.5)
+
+    releaser = threading.Thread(target=release_h3_once_queued, daemon=True)
+    releaser.start()
+    result = run_playbook("launch.yml", dict(VARS, run_id=run_id, launcher="slurm", max_steps=20, log_every=1),
+                          inventory=cluster.inventory, envvars={"ANSIBLE_SSH_CONTROL_PATH_DIR": str(tmp_path / "cp")})
+    releaser.join(timeout=5)
     assert result.rc == 0, result.stdout[-5000:] + slurm.log_tails()
+    assert released == [0]
     run = RUNS / run_id
     job = json.loads((run / "slurm.json").read_text())["job_id"]
     assert "submitted as SLURM job %d (dsfleet-%s, 3 node(s): h1,h2,h3)" % (job, run_id) in result.stdout
+    assert re.search(r"\[h1\] queued: SLURM job %d PENDING \((Resources|Priority)\)" % job, result.stdout), \
+        result.stdout[-4000:]
     assert "slurm: job dsfleet-%s on node(s) h1,h2,h3, whole nodes, one step task each" % run_id in result.stdout
     script = (run / "job.sbatch").read_text()
     assert "#SBATCH --nodelist=h1,h2,h3\n#SBATCH --ntasks-per-node=1\n" in script

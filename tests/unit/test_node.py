@@ -338,3 +338,21 @@ def test_a_foreground_supervisor_passes_slurms_sigterm_to_the_ranks_and_exits_wi
     assert (st["state"], st["rc"]) == ("exited", -15)
     assert st["reason"] == ("SLURM job 7 CANCELLED: the supervisor got SIGTERM (the job was cancelled, or reached its "
                             "time limit)")
+
+
+def test_a_foreground_supervisor_stopped_by_stop_yml_exits_0_so_slurm_records_the_job_completed(run_dir):
+    script = run_dir / "fake_rank.py"
+    script.write_text(FAKE_RANK)
+    proc = subprocess.Popen([sys.executable, str(NODE), "start", "--run-dir", str(run_dir), "--foreground", "--",
+                             sys.executable, str(script), str(run_dir / "out"), "2", "hang"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()
+        stopped = node("stop", "--run-dir", run_dir, "--grace", "2")
+        assert stopped["terminated"] and stopped["left"] == []
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    st = node("status", "--run-dir", run_dir)
+    assert (st["state"], st["reason"]) == ("exited", "stopped on request") and st["rc"] != 0

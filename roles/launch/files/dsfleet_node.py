@@ -475,6 +475,10 @@ def _start_foreground(args, run_dir, command):
     with open(os.path.join(run_dir, RC + ".tmp"), "w") as f:
         f.write("%d\n" % rc)
     os.replace(os.path.join(run_dir, RC + ".tmp"), os.path.join(run_dir, RC))
+    if rc != 0 and _read_text(os.path.join(run_dir, REASON)) == "stopped on request":
+        # stop.yml: the ranks checkpointed and were stopped; SLURM records the job as completed, not failed
+        print("dsfleet_node: %s: stopped on request (stop.yml)" % os.uname().nodename, flush=True)
+        return 0
     if rc != 0:
         print("dsfleet_node: %s: the ranks exited with code %d; see %s" % (os.uname().nodename, rc,
                                                                             os.path.join(run_dir, LOG)),
