@@ -718,6 +718,12 @@ def make_plan(hosts, knobs=None, previous=None, model=None, inputs=None):
                  ", ".join("%s: %s" % (h["name"], h.get("venv")) for h in members)))
     if k["launcher"] == "slurm":
         _check_slurm(k, members)
+    else:
+        stray = [n for n in ("slurm_submit", "slurm_partition", "slurm_account", "slurm_time", "slurm_options")
+                 if k[n] != K.KNOBS[n].default]
+        if stray:
+            _fail("%s appl%s to launcher=slurm (this run's launcher is %s): add -e launcher=slurm, or drop %s"
+                  % (", ".join(stray), "ies" if len(stray) == 1 else "y", k["launcher"], " and ".join(stray)))
     backend, ds_accelerator, ifname_var = BACKENDS[accelerator]
     if _is_local_only(members):
         master_addr, local = "127.0.0.1", True

@@ -70,22 +70,8 @@ def node_script(plan, host, bundle_b64):
             master["name"], plan["master"]["address"], plan["master"]["port"]),
         "# It needs the dsfleet python environment at %s (setup.yml, or as setup.yml builds it)." % paths["venv"],
         "set -eu",
-        "if [ ! -x %s ]; then" % q(paths["python"]),
-        "  echo %s >&2" % q("%s.sh: no dsfleet python environment at %s; run setup.yml for this host first (or "
-                           "build it as roles/python_env does)" % (host["name"], paths["venv"])),
-        "  exit 2",
-        "fi",
     ]
-    for item in host.get("inputs") or []:
-        if item.get("hub"):
-            fix = ("download it there first: %s/bin/hf download %s --revision %s --local-dir %s"
-                   % (paths["venv"], item["hub"], item["revision"], item["dest"]))
-        else:
-            fix = "copy %s from the controller to %s first" % (item["src"], item["dest"])
-        lines += ["if [ ! -e %s ]; then" % q(item["dest"]),
-                  "  echo %s >&2" % q("%s.sh: the %s is not at %s: %s" % (host["name"], item["name"], item["dest"], fix)),
-                  "  exit 2",
-                  "fi"]
+    lines += _checks(host, "%s.sh" % host["name"])
     lines += [
         "# the training module, the supervisor and the run's files (plan.json, hostfile, ds_config.json, ...)",
         "%s -c %s %s <<'DSFLEET_BUNDLE'" % (q(paths["python"]), q(_UNPACK), q(paths["home"])),

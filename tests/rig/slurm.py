@@ -43,7 +43,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -122,20 +121,8 @@ def _in_job(pid: int) -> bool:
 
 
 def _kill(targets: dict[int, int | None], grace: float) -> list[int]:
-    """pid -> starttime: SIGTERM, wait grace, SIGKILL, wait 5 s. Returns the pids still alive."""
-    def alive():
-        return [p for p, st in targets.items() if rigmod.pid_alive(p, st)]
-
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        for p in alive():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(p, sig)
-        deadline = time.monotonic() + wait
-        while alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not alive():
-            return []
-    return alive()
+    """pid -> starttime: SIGTERM, wait grace, SIGKILL, wait 5 s (rig.py's). Returns the pids still alive."""
+    return rigmod._kill_all(targets, grace=grace)
 
 
 # ----------------------------------------------------------------------------- config

@@ -917,6 +917,9 @@ def test_slurm_plan_options_heterogeneous_nodes_and_what_it_refuses():
     for knobs, message in bad:
         with pytest.raises(PlanError, match=message.replace("(", r"\(").replace("?", r"\?").replace(".", r"\.")):
             make_plan(two, dict({"launcher": "slurm"}, **knobs))
+    with pytest.raises(PlanError, match="slurm_partition, slurm_time apply to launcher=slurm \\(this run's launcher "
+                       "is ansible\\): add -e launcher=slurm, or drop slurm_partition and slurm_time"):
+        make_plan(two, {"slurm_partition": "gpu", "slurm_time": "10:00"})
     with pytest.raises(PlanError, match="hosts a and b are both SLURM node n1; set slurm_node"):
         make_plan([host("a", 11, [A100(0)], hostname="n1"), host("b", 12, [A100(0)], hostname="n1")],
                   {"launcher": "slurm"})

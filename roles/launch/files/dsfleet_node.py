@@ -394,59 +394,70 @@ def cmd_start(args):
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):  # hold none of the caller's pipes: whoever ran `start` sees it end at once
         os.dup2(devnull, fd)
+    log, env = _begin(args, run_dir)
+    child, error = _spawn(command, run_dir, devnull, log, env)
+    if child is None:
+        os.write(write_fd, json.dumps({"pid": None, "error": error}).encode())
+        os._exit(0)
+    state = _record_state(run_dir, args, child, command)
+    os.write(write_fd, json.dumps(state).encode())
+    os.close(write_fd)
+    _finish(run_dir, log, env, watch(child, run_dir, state["started_at"], args.stall_timeout, args.startup_timeout,
+                                     args.grace)[0])
+    os._exit(0)
+
+
+def _begin(args, run_dir):
+    """The run's log, opened for appending (a resumed run's status reads only what follows the newest marker), and
+    the command's environment (--env added)."""
     log = open(os.path.join(run_dir, LOG), "ab", buffering=0)
-    # a run that is resumed appends to the same log: status reads only what follows the newest marker
     log.write(("%s %s\n" % (START_MARK, time.strftime("%Y-%m-%d %H:%M:%S"))).encode())
     env = dict(os.environ)
     for item in args.env or []:
         key, _, value = item.partition("=")
         env[key] = value
     _log_tidy(log, tidy(env))
+    return log, env
+
+
+def _spawn(command, run_dir, stdin, log, env):
+    """(child in its own process group, None), or (None, why) with rc 127 recorded."""
     try:
-        child = subprocess.Popen(command, cwd=run_dir, stdin=devnull, stdout=log, stderr=subprocess.STDOUT,
-                                 env=env, start_new_session=True)
+        return subprocess.Popen(command, cwd=run_dir, stdin=stdin, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True), None
     except OSError as exc:
         log.write(("dsfleet_node: cannot start %s: %s\n" % (command[0], exc)).encode())
-        with open(os.path.join(run_dir, RC), "w") as f:
-            f.write("127\n")
-        os.write(write_fd, json.dumps({"pid": None, "error": str(exc)}).encode())
-        os._exit(0)
-    state = {"pid": child.pid, "pgid": child.pid, "supervisor": os.getpid(), "started_at": time.time(),
-             "command": command, "stall_timeout": args.stall_timeout, "startup_timeout": args.startup_timeout}
+        _write(os.path.join(run_dir, RC), "127\n")
+        return None, str(exc)
+
+
+def _record_state(run_dir, args, child, command, **more):
+    state = dict({"pid": child.pid, "pgid": child.pid, "supervisor": os.getpid(), "started_at": time.time(),
+                  "command": command, "stall_timeout": args.stall_timeout, "startup_timeout": args.startup_timeout},
+                 **more)
     with open(os.path.join(run_dir, STATE + ".tmp"), "w") as f:
         json.dump(state, f)
     os.replace(os.path.join(run_dir, STATE + ".tmp"), os.path.join(run_dir, STATE))
-    os.write(write_fd, json.dumps(state).encode())
-    os.close(write_fd)
-    rc, _ = watch(child, run_dir, state["started_at"], args.stall_timeout, args.startup_timeout, args.grace)
+    return state
+
+
+def _finish(run_dir, log, env, rc):
     # before rc: once rc exists the log is final (the controller fetches it, checksummed); the ranks have exited
     # (DeepSpeed's launcher waits for them; a stopped group was killed and waited for), so their maps are gone
     _log_tidy(log, tidy(env))
     with open(os.path.join(run_dir, RC + ".tmp"), "w") as f:
         f.write("%d\n" % rc)
     os.replace(os.path.join(run_dir, RC + ".tmp"), os.path.join(run_dir, RC))
-    os._exit(0)
 
 
 def _start_foreground(args, run_dir, command):
     """``start --foreground``: supervise COMMAND as ``start`` does, without detaching (SLURM's step is this
     process). SIGTERM or SIGINT (scancel, the time limit's --signal, Ctrl-C) goes on to the ranks' process group,
     which checkpoint and exit (train.py); the exit code is the command's."""
-    log = open(os.path.join(run_dir, LOG), "ab", buffering=0)
-    log.write(("%s %s\n" % (START_MARK, time.strftime("%Y-%m-%d %H:%M:%S"))).encode())
-    env = dict(os.environ)
-    for item in args.env or []:
-        key, _, value = item.partition("=")
-        env[key] = value
-    _log_tidy(log, tidy(env))
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    try:
-        child = subprocess.Popen(command, cwd=run_dir, stdin=devnull, stdout=log, stderr=subprocess.STDOUT,
-                                 env=env, start_new_session=True)
-    except OSError as exc:
-        log.write(("dsfleet_node: cannot start %s: %s\n" % (command[0], exc)).encode())
-        _write(os.path.join(run_dir, RC), "127\n")
-        print("dsfleet_node: cannot start %s: %s" % (command[0], exc), file=sys.stderr)
+    log, env = _begin(args, run_dir)
+    child, error = _spawn(command, run_dir, os.open(os.devnull, os.O_RDONLY), log, env)
+    if child is None:
+        print("dsfleet_node: cannot start %s: %s" % (command[0], error), file=sys.stderr)
         return 127
 
     def forward(signum, _frame):
@@ -462,19 +473,11 @@ def _start_foreground(args, run_dir, command):
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    state = {"pid": child.pid, "pgid": child.pid, "supervisor": os.getpid(), "started_at": time.time(),
-             "command": command, "stall_timeout": args.stall_timeout, "startup_timeout": args.startup_timeout,
-             "foreground": True, "slurm_job": os.environ.get("SLURM_JOB_ID")}
-    with open(os.path.join(run_dir, STATE + ".tmp"), "w") as f:
-        json.dump(state, f)
-    os.replace(os.path.join(run_dir, STATE + ".tmp"), os.path.join(run_dir, STATE))
+    state = _record_state(run_dir, args, child, command, foreground=True, slurm_job=os.environ.get("SLURM_JOB_ID"))
     print("dsfleet_node: %s: started %s (pid %d); its output: %s" % (
         os.uname().nodename, os.path.basename(command[0]), child.pid, os.path.join(run_dir, LOG)), flush=True)
     rc, _ = watch(child, run_dir, state["started_at"], args.stall_timeout, args.startup_timeout, args.grace)
-    _log_tidy(log, tidy(env))
-    with open(os.path.join(run_dir, RC + ".tmp"), "w") as f:
-        f.write("%d\n" % rc)
-    os.replace(os.path.join(run_dir, RC + ".tmp"), os.path.join(run_dir, RC))
+    _finish(run_dir, log, env, rc)
     if rc != 0 and _read_text(os.path.join(run_dir, REASON)) == "stopped on request":
         # stop.yml: the ranks checkpointed and were stopped; SLURM records the job as completed, not failed
         print("dsfleet_node: %s: stopped on request (stop.yml)" % os.uname().nodename, flush=True)
