@@ -905,13 +905,16 @@ def _check_slurm(k, members):
 
 
 def slurm_request(k, plan_hosts, accelerator):
-    """The allocation job.sbatch asks SLURM for: every planned node, whole (the plan sized their devices), one
-    task a node (the node's launcher starts its ranks), its devices as GRES. Nodes with different device counts are
-    one heterogeneous job component each (GRES are per node within a component)."""
-    gres = [("gpu:%d" % h["slots"]) if accelerator != "cpu" else None for h in plan_hosts]
-    components = [[h["slurm_node"] for h in plan_hosts]]
-    if len(set(gres)) > 1:
-        components = [[h["slurm_node"]] for h in plan_hosts]
+    """The allocation job.sbatch asks SLURM for: every planned node, whole (the plan sized their devices), its
+    slots as tasks and its devices as GRES. Tasks per node and GRES are one value per job component, so nodes that
+    differ in either are a heterogeneous job, one component per kind of node (in plan order). Each node's one step
+    task is its launcher, which starts its ranks."""
+    kinds = []
+    for h in plan_hosts:
+        kind = (h["slots"], ("gpu:%d" % h["slots"]) if accelerator != "cpu" else None)
+        if kind not in [k for k, _ in kinds]:
+            kinds.append((kind, []))
+        next(nodes for k, nodes in kinds if k == kind).append(h["slurm_node"])
     options = []
     for name in ("partition", "account", "time"):
         if k["slurm_" + name]:
@@ -919,9 +922,9 @@ def slurm_request(k, plan_hosts, accelerator):
     if k["slurm_time"]:  # before the time limit: SIGTERM, so the ranks checkpoint before SLURM kills them
         options.append("--signal=TERM@%d" % max(60, int(k["checkpoint_grace"])))
     options += [str(o) for o in k["slurm_options"]]
-    return {"job_name": "dsfleet-" + k["run_id"], "submit": k["slurm_submit"], "nodes": [h["slurm_node"] for h in
-            plan_hosts], "components": [{"nodes": c, "gres": gres[[h["slurm_node"] for h in plan_hosts].index(c[0])]}
-                                        for c in components],
+    return {"job_name": "dsfleet-" + k["run_id"], "submit": k["slurm_submit"],
+            "nodes": [h["slurm_node"] for h in plan_hosts],
+            "components": [{"nodes": nodes, "tasks_per_node": slots, "gres": gres} for (slots, gres), nodes in kinds],
             "options": options}
 
 

@@ -139,7 +139,7 @@ def sbatch_script(plan, bundle_b64):
         if i:
             sb.append("#SBATCH hetjob")
         sb += ["#SBATCH --nodes=%d" % len(comp["nodes"]), "#SBATCH --nodelist=%s" % ",".join(comp["nodes"]),
-               "#SBATCH --ntasks-per-node=1", "#SBATCH --exclusive"]
+               "#SBATCH --ntasks-per-node=%d" % comp["tasks_per_node"], "#SBATCH --exclusive"]
         if comp["gres"]:
             sb.append("#SBATCH --gres=%s" % comp["gres"])
         if i == 0:
@@ -165,7 +165,11 @@ def sbatch_script(plan, bundle_b64):
         nodes), "  esac", "}", "",
              'if [ "${1:-}" = --dsfleet-node ]; then node; fi', "",
              "# the batch part: the planned nodes, then one step task on each",
-             'allocated=$(scontrol show hostnames "${SLURM_JOB_NODELIST:?run with sbatch}" | sort | xargs)',
+             # a heterogeneous job lists each component's nodes in SLURM_JOB_NODELIST_HET_GROUP_<i>
+             "set -f  # node lists like h[1-3] are not file patterns",
+             'lists=$(env | sed -n "s/^SLURM_JOB_NODELIST_HET_GROUP_[0-9]*=//p")',
+             'allocated=$(for list in ${lists:-${SLURM_JOB_NODELIST:?run with sbatch}}; do scontrol show hostnames '
+             '"$list"; done | sort | xargs)',
              "planned=%s" % q(" ".join(sorted(nodes))),
              'if [ "$allocated" != "$planned" ]; then',
              '  echo "job.sbatch: SLURM allocated $allocated; the plan is for $planned (run launch.yml again to '
@@ -176,7 +180,10 @@ def sbatch_script(plan, bundle_b64):
              'echo "dsfleet run %s: SLURM job $SLURM_JOB_ID on $allocated; rank 0 on %s ($MASTER_ADDR:$MASTER_PORT)"'
              % (plan["run_id"], master["slurm_node"]),
              # every node's step in one srun; a node whose step fails ends the others (its peers would hang)
-             "srun %s --kill-on-bad-exit=1 --bcast=/tmp/dsfleet-%s-\"$SLURM_JOB_ID\".sbatch \"$0\" --dsfleet-node" % (
-                 ("--het-group=0-%d" % (len(slurm["components"]) - 1)) if len(slurm["components"]) > 1
-                 else "--nodes=%d --ntasks=%d --ntasks-per-node=1" % (len(nodes), len(nodes)), plan["run_id"])]
+             # one task a node (its launcher starts the node's ranks), in every component
+             "srun " + " : ".join(
+                 "%s--nodes=%d --ntasks=%d --ntasks-per-node=1 --kill-on-bad-exit=1 --bcast=/tmp/dsfleet-%s-"
+                 '"$SLURM_JOB_ID".sbatch "$0" --dsfleet-node' % (
+                     "--het-group=%d " % i if len(slurm["components"]) > 1 else "", len(c["nodes"]), len(c["nodes"]),
+                     plan["run_id"]) for i, c in enumerate(slurm["components"]))]
     return "\n".join(head + sb + [""] + body) + "\n"

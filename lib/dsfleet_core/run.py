@@ -53,11 +53,11 @@ def plan_table(plan):
     slurm = plan.get("slurm")
     if slurm:
         comps = slurm["components"]
-        lines.append("slurm: job %s on node(s) %s, whole nodes, one step task each%s%s%s; %s" % (
-            slurm["job_name"], ",".join(slurm["nodes"]),
-            ", --gres=%s" % comps[0]["gres"] if len(comps) == 1 and comps[0]["gres"] else "",
-            ", a heterogeneous job (one component per node: %s)" % ", ".join(
-                "%s %s" % (c["nodes"][0], c["gres"]) for c in comps) if len(comps) > 1 else "",
+        def tasks(c):
+            return "%d task(s) a node%s" % (c["tasks_per_node"], ", --gres=%s" % c["gres"] if c["gres"] else "")
+        lines.append("slurm: job %s on node(s) %s, whole nodes, %s%s; each node's launcher is its one step task; %s" % (
+            slurm["job_name"], ",".join(slurm["nodes"]), tasks(comps[0]) if len(comps) == 1 else
+            "a heterogeneous job (%s)" % "; ".join("%s: %s" % (",".join(c["nodes"]), tasks(c)) for c in comps),
             (", " + " ".join(slurm["options"])) if slurm["options"] else "",
             "submitted on %s" % plan["master"]["name"] if slurm["submit"]
             else "not submitted (slurm_submit=false): sbatch job.sbatch on a SLURM host"))

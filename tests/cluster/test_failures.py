@@ -564,7 +564,11 @@ def losses_of(run_id):
 def test_a_slurm_job_trains_on_three_nodes(cluster, slurm, tmp_path):
     """launcher=slurm: launch.yml renders job.sbatch from the plan, submits it on the master, follows it (queued
     while another job holds h3, then each node's progress) and collects as the other launchers do; the job's batch
-    output comes back too."""
+    output comes back too. h1 runs two ranks, the others one: a heterogeneous job (tasks per node per component)."""
+    inventory = tmp_path / "uneven.yml"
+    inventory.write_text(re.sub(r'(\n( +)rig_netns: "[a-z]+-h1")', r'\1\n\2slots: 2',
+                                pathlib.Path(cluster.inventory).read_text(), count=1))
+    assert "slots: 2" in inventory.read_text()
     blocker = slurm.run("h1", "sbatch --parsable --exclusive -w h3 -J blocker --wrap 'sleep 600'")
     assert blocker.returncode == 0, blocker.stderr
     run_id = "rig-%s" % uuid.uuid4().hex[:6]
@@ -582,7 +586,7 @@ def test_a_slurm_job_trains_on_three_nodes(cluster, slurm, tmp_path):
     releaser = threading.Thread(target=release_h3_once_queued, daemon=True)
     releaser.start()
     result = run_playbook("launch.yml", dict(VARS, run_id=run_id, launcher="slurm", max_steps=20, log_every=1),
-                          inventory=cluster.inventory, envvars={"ANSIBLE_SSH_CONTROL_PATH_DIR": str(tmp_path / "cp")})
+                          inventory=str(inventory), envvars={"ANSIBLE_SSH_CONTROL_PATH_DIR": str(tmp_path / "cp")})
     releaser.join(timeout=5)
     assert result.rc == 0, result.stdout[-5000:] + slurm.log_tails()
     assert released == [0]
@@ -591,11 +595,14 @@ def test_a_slurm_job_trains_on_three_nodes(cluster, slurm, tmp_path):
     assert "submitted as SLURM job %d (dsfleet-%s, 3 node(s): h1,h2,h3)" % (job, run_id) in result.stdout
     assert re.search(r"\[h1\] queued: SLURM job %d PENDING \((Resources|Priority)\)" % job, result.stdout), \
         result.stdout[-4000:]
-    assert "slurm: job dsfleet-%s on node(s) h1,h2,h3, whole nodes, one step task each" % run_id in result.stdout
+    assert ("slurm: job dsfleet-%s on node(s) h1,h2,h3, whole nodes, a heterogeneous job (h1: 2 task(s) a node; "
+            "h2,h3: 1 task(s) a node); each node's launcher is its one step task; submitted on h1" % run_id) \
+        in result.stdout
     script = (run / "job.sbatch").read_text()
-    assert "#SBATCH --nodelist=h1,h2,h3\n#SBATCH --ntasks-per-node=1\n" in script
+    assert "#SBATCH --nodelist=h1\n#SBATCH --ntasks-per-node=2\n" in script
+    assert "#SBATCH hetjob\n#SBATCH --nodes=2\n#SBATCH --nodelist=h2,h3\n#SBATCH --ntasks-per-node=1\n" in script
     summary = json.loads((run / "summary.json").read_text())
-    assert (summary["launcher"], summary["steps"], summary["world_size"]) == ("slurm", 20, 3)
+    assert (summary["launcher"], summary["steps"], summary["world_size"]) == ("slurm", 20, 4)
     assert summary["final_loss"] < summary["first_loss"], summary
     batch = (run / "logs" / ("slurm-%s-%d.out" % (run_id, job))).read_text()
     assert "SLURM job %d on h1 h2 h3; rank 0 on h1" % job in batch, batch

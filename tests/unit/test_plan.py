@@ -848,7 +848,8 @@ def test_slurm_plan_submits_on_the_master_and_every_node_step_runs_what_the_ansi
         plan = make_plan(hosts, {"launcher": "slurm", "strategy": strategy, "max_steps": 10})
         ansible = make_plan(hosts, {"strategy": strategy, "max_steps": 10})
         assert plan["slurm"]["job_name"] == "dsfleet-r" and plan["slurm"]["nodes"] == ["node-a", "node-b", "gpu07"]
-        assert plan["slurm"]["components"] == [{"nodes": ["node-a", "node-b", "gpu07"], "gres": "gpu:2"}]
+        assert plan["slurm"]["components"] == [{"nodes": ["node-a", "node-b", "gpu07"], "tasks_per_node": 2,
+                                                "gres": "gpu:2"}]
         for h, other in zip(plan["hosts"], ansible["hosts"]):
             assert h["commands"]["start"] is None and h["watched"] and h["process"] is None
             assert h["node_process"] == other["node_process"]
@@ -864,7 +865,7 @@ def test_slurm_plan_submits_on_the_master_and_every_node_step_runs_what_the_ansi
         text = render.sbatch_script(plan, "QUJD" * 60)
         sbatch = [ln for ln in text.splitlines() if ln.startswith("#SBATCH")]
         assert sbatch[:8] == ["#SBATCH --nodes=3", "#SBATCH --nodelist=node-a,node-b,gpu07",
-                              "#SBATCH --ntasks-per-node=1", "#SBATCH --exclusive", "#SBATCH --gres=gpu:2",
+                              "#SBATCH --ntasks-per-node=2", "#SBATCH --exclusive", "#SBATCH --gres=gpu:2",
                               "#SBATCH --job-name=dsfleet-r", "#SBATCH --output=/home/u/.dsfleet/slurm-r-%j.out",
                               "#SBATCH --chdir=/home/u/.dsfleet"]
         for h in plan["hosts"]:
@@ -887,25 +888,38 @@ def test_slurm_plan_submits_on_the_master_and_every_node_step_runs_what_the_ansi
         assert ran.returncode == 2 and "node gpu99 is not in the plan (node-a node-b gpu07)" in ran.stderr
         ran = subprocess.run(["bash", str(path)], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
         assert ran.returncode != 0 and "SLURM_JOB_NODELIST: run with sbatch" in ran.stderr
-    assert any(line.startswith("slurm: job dsfleet-r on node(s) node-a,node-b,gpu07, whole nodes, one step task "
-                               "each, --gres=gpu:2") for line in R.plan_table(plan))
+    assert ("slurm: job dsfleet-r on node(s) node-a,node-b,gpu07, whole nodes, 2 task(s) a node, --gres=gpu:2; each "
+            "node's launcher is its one step task; submitted on a") in R.plan_table(plan)
 
 
 def test_slurm_plan_options_heterogeneous_nodes_and_what_it_refuses():
     plan = make_plan([host("a", 11, [A100(0), A100(1)]), host("v", 12, [V100(0)])],
                      {"launcher": "slurm", "slurm_time": "1-00:00:00", "slurm_partition": "gpu",
                       "slurm_options": ["--qos=high", "--mail-type=END"], "checkpoint_grace": 600})
-    assert plan["slurm"]["components"] == [{"nodes": ["a"], "gres": "gpu:2"}, {"nodes": ["v"], "gres": "gpu:1"}]
+    assert plan["slurm"]["components"] == [{"nodes": ["a"], "tasks_per_node": 2, "gres": "gpu:2"},
+                                           {"nodes": ["v"], "tasks_per_node": 1, "gres": "gpu:1"}]
     assert plan["slurm"]["options"] == ["--partition=gpu", "--time=1-00:00:00", "--signal=TERM@600", "--qos=high",
                                         "--mail-type=END"]
     from dsfleet_core import render
     text = render.sbatch_script(plan, "QUJD")
-    assert "#SBATCH --nodelist=a\n#SBATCH --ntasks-per-node=1\n#SBATCH --exclusive\n#SBATCH --gres=gpu:2\n" in text
+    assert "#SBATCH --nodelist=a\n#SBATCH --ntasks-per-node=2\n#SBATCH --exclusive\n#SBATCH --gres=gpu:2\n" in text
     assert "#SBATCH hetjob\n#SBATCH --nodes=1\n#SBATCH --nodelist=v\n#SBATCH --ntasks-per-node=1\n" \
         "#SBATCH --exclusive\n#SBATCH --gres=gpu:1\n" in text
-    assert "srun --het-group=0-1 --kill-on-bad-exit=1" in text
+    srun = [ln for ln in text.splitlines() if ln.startswith("srun ")]
+    assert srun == ['srun --het-group=0 --nodes=1 --ntasks=1 --ntasks-per-node=1 --kill-on-bad-exit=1 '
+                    '--bcast=/tmp/dsfleet-r-"$SLURM_JOB_ID".sbatch "$0" --dsfleet-node : --het-group=1 --nodes=1 '
+                    '--ntasks=1 --ntasks-per-node=1 --kill-on-bad-exit=1 --bcast=/tmp/dsfleet-r-"$SLURM_JOB_ID".sbatch '
+                    '"$0" --dsfleet-node']
     cpu = make_plan([host("c1", 11), host("c2", 12)], {"launcher": "slurm", "slurm_submit": False})
-    assert cpu["dry_run"] and cpu["slurm"]["components"] == [{"nodes": ["c1", "c2"], "gres": None}]
+    assert cpu["dry_run"] and cpu["slurm"]["components"] == [{"nodes": ["c1", "c2"], "tasks_per_node": 2,
+                                                              "gres": None}]
+    # CPU hosts with different slots: tasks per node differ, so one component each kind of node
+    uneven = make_plan([host("c1", 11, slots=1), host("c2", 12), host("c3", 13)], {"launcher": "slurm"})
+    assert ("slurm: job dsfleet-r on node(s) c1,c2,c3, whole nodes, a heterogeneous job (c1: 1 task(s) a node; "
+            "c2,c3: 2 task(s) a node); each node's launcher is its one step task; submitted on c1") \
+        in R.plan_table(uneven)
+    assert uneven["slurm"]["components"] == [{"nodes": ["c1"], "tasks_per_node": 1, "gres": None},
+                                             {"nodes": ["c2", "c3"], "tasks_per_node": 2, "gres": None}]
     assert "--gres" not in render.sbatch_script(cpu, "QUJD")
     assert any("not submitted (slurm_submit=false)" in line for line in R.plan_table(cpu))
     two = [host("a", 11, [A100(0)]), host("b", 12, [A100(0)])]

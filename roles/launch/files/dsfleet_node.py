@@ -628,15 +628,21 @@ def slurm_job(name):
     text, error = _run(["squeue", "-h", "--me", "--states=all", "--name", name, "-o", "%i|%T|%r|%N"])
     if text is None:
         return {"error": "squeue: %s" % error}
-    jobs = []
+    jobs = {}
     for line in text.splitlines():
         cells = line.strip().split("|")
-        if len(cells) == 4 and cells[0].isdigit():
-            jobs.append({"id": int(cells[0]), "state": cells[1], "reason": cells[2], "nodes": cells[3],
-                         "exit_code": None})
+        found = re.fullmatch(r"(\d+)(\+\d+)?", cells[0]) if len(cells) == 4 else None
+        if found:  # a heterogeneous job lists each component as ID+N
+            jobs.setdefault(int(found.group(1)), []).append({"state": cells[1], "reason": cells[2],
+                                                             "nodes": cells[3]})
     if not jobs:
         return None
-    job = max(jobs, key=lambda j: j["id"])
+    newest = max(jobs)
+    parts = jobs[newest]
+    # the job's state: a component that ended badly, else one still coming, else the first
+    part = next((p for p in parts if p["state"] in SLURM_BAD), None) or next(
+        (p for p in parts if p["state"] in SLURM_COMING), parts[0])
+    job = dict(part, id=newest, nodes=",".join(p["nodes"] for p in parts if p["nodes"]), exit_code=None)
     if job["state"] not in SLURM_COMING:
         shown, _ = _run(["scontrol", "show", "job", str(job["id"]), "-o"])
         found = re.search(r"\bExitCode=(\d+):(\d+)", shown or "")
