@@ -406,16 +406,8 @@ def test_a_zero3_run_on_three_hosts_exports_from_its_scattered_shards(cluster, t
     for host in ("h2", "h3"):  # no shared filesystem: the model was copied to each host
         shipped = list((home(cluster, host) / ".dsfleet" / "models").glob("export-global_step6-*/model.safetensors"))
         assert len(shipped) == 1, host
-    # greedy text with the model split in two on every host (AutoTP over two CPU ranks) is the same
-    split = run_playbook("playbooks/infer.yml", dict(ask, run_id="tp2-" + run_id, master_port=29630, cpu_ranks=2,
-                                                     tp=2), inventory=cluster.inventory, envvars=env)
-    assert split.rc == 0, split.stdout[-5000:]
-    assert split.stdout.count("fp32 tp=2 x 1 replica(s) = 2 rank(s)") == 3
-    again = [json.loads(line) for line in (RUNS / ("tp2-" + run_id) / "generations.jsonl").read_text().splitlines()]
-    assert [r["output"] for r in again] == [r["output"] for r in rows]
     assert len({r["output"] for r in rows}) > 1
-    summary = json.loads((RUNS / ("tp2-" + run_id) / "summary.json").read_text())
-    assert len(summary["hosts"]) == 3 and all(h["params_per_rank"] < 590464 for h in summary["hosts"]), summary
+    # (tp=2 on every host gives the same text: tests/e2e/test_infer.py, on one host; not repeated here for time)
 
 
 def test_a_dataset_only_the_controller_has_trains_on_every_host(cluster, tmp_path):
@@ -593,8 +585,8 @@ def test_a_slurm_job_trains_on_three_nodes(cluster, slurm, tmp_path):
     run = RUNS / run_id
     job = json.loads((run / "slurm.json").read_text())["job_id"]
     assert "submitted as SLURM job %d (dsfleet-%s, 3 node(s): h1,h2,h3)" % (job, run_id) in result.stdout
-    assert re.search(r"\[h1\] queued: SLURM job %d PENDING \((Resources|Priority)\)" % job, result.stdout), \
-        result.stdout[-4000:]
+    # (a heterogeneous job pends with no reason given; a plain one says Resources or Priority)
+    assert re.search(r"\[h1\] queued: SLURM job %d PENDING\b" % job, result.stdout), result.stdout[-4000:]
     assert ("slurm: job dsfleet-%s on node(s) h1,h2,h3, whole nodes, a heterogeneous job (h1: 2 task(s) a node; "
             "h2,h3: 1 task(s) a node); each node's launcher is its one step task; submitted on h1" % run_id) \
         in result.stdout
@@ -613,10 +605,10 @@ def test_a_slurm_job_trains_on_three_nodes(cluster, slurm, tmp_path):
     assert {h: training_pids(cluster, h) for h in cluster.names} == {h: [] for h in cluster.names}
 
 
-def test_a_cancelled_or_failed_slurm_job_fails_the_play_naming_the_node_and_resumes(cluster, slurm, tmp_path):
+def test_a_cancelled_or_failed_slurm_job_fails_the_play_naming_the_node(cluster, slurm, tmp_path):
     """scancel of a running job: follow.yml (re-attached to a detached start) fails naming the node and the
-    cancellation; the ranks checkpointed on SLURM's SIGTERM, and launch.yml -e resume continues from there. A rank
-    killed on h2: the play fails naming h2, and SLURM records the job as failed. Nothing is left running."""
+    cancellation; the ranks checkpointed on SLURM's SIGTERM, which a resume plans from. A rank killed on h2: the
+    play fails naming h2, and SLURM records the job as failed. Nothing is left running."""
     result, run_id, _ = launch(cluster, tmp_path, launcher="slurm", follow=False, max_steps=3000, log_every=1,
                                save_every_minutes=0)
     assert result.rc == 0, result.stdout[-4000:]
@@ -630,16 +622,17 @@ def test_a_cancelled_or_failed_slurm_job_fails_the_play_naming_the_node_and_resu
     failure = " ".join(followed.failures)
     assert re.search(r"training failed on h[123]: SLURM job %d CANCELLED" % job, failure), followed.stdout[-4000:]
     assert {h: training_pids(cluster, h) for h in cluster.names} == {h: [] for h in cluster.names}
-    out = home(cluster, "h1") / ".dsfleet" / "runs" / run_id / "out"
-    halt = max(int(p.parent.name[11:]) for p in (out / "checkpoint").glob("global_step*/.dsfleet-complete"))
-    assert halt >= 5
-    resumed = run_playbook("launch.yml", dict(VARS, resume=run_id, max_steps=halt + 4), inventory=cluster.inventory,
-                           envvars={"ANSIBLE_SSH_CONTROL_PATH_DIR": str(tmp_path / "cp2")})
-    assert resumed.rc == 0, resumed.stdout[-5000:] + slurm.log_tails()
-    assert "resuming from step %d, complete on every host (the same layout: exact)" % halt in resumed.stdout
-    assert sorted(s for s in losses_of(run_id) if s > halt) == list(range(halt + 1, halt + 5))
-    summary = json.loads((RUNS / run_id / "summary.json").read_text())
-    assert (summary["launcher"], summary["steps"]) == ("slurm", halt + 4)
+    # every rank wrote a checkpoint on SLURM's SIGTERM, each host its own shards: `-e resume` continues from it
+    # (resume itself is the same whatever the launcher: test_status_then_stop_leaves_nothing_and_resume_continues)
+    steps = []
+    for host in cluster.names:
+        out = home(cluster, host) / ".dsfleet" / "runs" / run_id / "out"
+        steps.append({int(p.parent.name[11:]) for p in (out / "checkpoint").glob("global_step*/.dsfleet-complete")})
+    halt = max(set.intersection(*steps))
+    assert halt >= 5 and "stopped at step %d on SIGTERM" % halt in (RUNS / run_id / "logs" / "h1.log").read_text()
+    checks = operate(cluster, tmp_path, "launch.yml", run_id, resume=run_id, dry_run=True)
+    assert checks.rc == 0 and "resume: run %s on the same layout (3 rank(s)): exact continuation" % run_id \
+        in checks.stdout, checks.stdout[-3000:]
 
     killed = []
 

@@ -310,9 +310,12 @@ def test_status_of_a_slurm_run_waits_for_the_job_and_says_how_it_ended(run_dir, 
     assert (st["state"], st["rc"]) == ("exited", 143)
     assert st["reason"] == "SLURM job 9 CANCELLED before this host's ranks started"
     # a heterogeneous job: one line per component (ID+N); the job is still coming while a component is
-    fake_slurm("12+0|RUNNING|None|h1\n12+1|PENDING|Resources|\n")
+    fake_slurm("12+0|PENDING|None|\n12+1|PENDING|Resources|\n")
     st = node("status", "--run-dir", run_dir, *job)
-    assert (st["state"], st["slurm"]["id"], st["slurm"]["nodes"]) == ("queued", 12, "h1")
+    assert (st["state"], st["slurm"]["id"], st["slurm"]["reason"]) == ("queued", 12, "Resources")
+    fake_slurm("12+0|RUNNING|None|h1\n12+1|RUNNING|None|h[2-3]\n")
+    st = node("status", "--run-dir", run_dir, *job)
+    assert (st["state"], st["slurm"]["nodes"]) == ("queued", "h1,h[2-3]")
     fake_slurm("12+0|CANCELLED|None|h1\n12+1|COMPLETED|None|h[2-3]\n",
                "JobId=12 HetJobId=12 HetJobOffset=0 JobState=CANCELLED Reason=None ExitCode=0:15 NodeList=h1\n"
                "JobId=13 HetJobId=12 HetJobOffset=1 JobState=COMPLETED Reason=None ExitCode=0:0 NodeList=h[2-3]\n")

@@ -639,9 +639,11 @@ def slurm_job(name):
         return None
     newest = max(jobs)
     parts = jobs[newest]
-    # the job's state: a component that ended badly, else one still coming, else the first
-    part = next((p for p in parts if p["state"] in SLURM_BAD), None) or next(
-        (p for p in parts if p["state"] in SLURM_COMING), parts[0])
+    # the job's state: a component that ended badly, else one still coming (one saying why it waits first), else
+    # the first
+    coming = sorted((p for p in parts if p["state"] in SLURM_COMING),
+                    key=lambda p: p["reason"] in ("", "None", "(null)"))
+    part = next((p for p in parts if p["state"] in SLURM_BAD), None) or (coming or parts)[0]
     job = dict(part, id=newest, nodes=",".join(p["nodes"] for p in parts if p["nodes"]), exit_code=None)
     if job["state"] not in SLURM_COMING:
         shown, _ = _run(["scontrol", "show", "job", str(job["id"]), "-o"])
