@@ -335,8 +335,10 @@ def summary_table(summary):
     rows = [("run", summary["run_id"]),
             ("hosts", ", ".join("%s x%d" % (h["name"], h["slots"]) for h in summary["hosts"])),
             ("world size", str(summary["world_size"])),
-            ("accelerator", "%s, %s, %s, launcher %s" % (summary["accelerator"], summary["precision"],
-                                                       strategy_text(summary), summary["launcher"])),
+            ("accelerator", "%s, %s, %s, launcher %s%s" % (summary["accelerator"], summary["precision"],
+                                                         strategy_text(summary), summary["launcher"],
+                                                         " (SLURM job %s)" % summary["slurm_job"]
+                                                         if summary.get("slurm_job") else "")),
             ("steps", str(summary["steps"])), ("loss", loss)] + ([
             ("eval", "loss %.4f, perplexity %.2f (%d evals)" % (summary["eval_loss"], summary["perplexity"],
                                                                 len(summary.get("evals") or [])))]

@@ -327,6 +327,10 @@ def test_summary_from_metrics():
     assert "records      /runs/r/{metrics.jsonl,plot.png}; tensorboard --logdir /runs/r/tensorboard" in R.summary_table(s)
     with pytest.raises(PlanError):
         R.summary(plan, metrics[:2])
+    slurm = R.summary(make_plan([host("a", 11, [A100(0)]), host("b", 12, [A100(0)])], {"launcher": "slurm"}),
+                      metrics, {"slurm_job": 17})
+    assert slurm["launcher"] == "slurm" and slurm["slurm_job"] == 17
+    assert "accelerator  nvidia, bf16, ZeRO-2, launcher slurm (SLURM job 17)" in R.summary_table(slurm)
 
 
 def test_follow_line_gives_step_loss_rate_elapsed_and_eta():
@@ -340,6 +344,10 @@ def test_follow_line_gives_step_loss_rate_elapsed_and_eta():
         "starting: 30s  | loading weights"
     assert R.follow_line({"now": 9000, "started_at": 0, "progress": {"event": "step", "step": 5, "total": 9,
                                                                      "start_step": 5, "elapsed_s": 0}}).endswith("ETA n/a")
+    assert R.follow_line({"state": "queued", "slurm": {"id": 7, "state": "PENDING", "reason": "Resources"}}) == \
+        "queued: SLURM job 7 PENDING (Resources)"
+    assert R.follow_line({"state": "queued", "slurm": {"id": 8, "state": "PENDING", "reason": "None"}}) == \
+        "queued: SLURM job 8 PENDING"
 
 
 def test_status_table_and_stop_report():
@@ -940,3 +948,20 @@ def test_slurm_plan_options_heterogeneous_nodes_and_what_it_refuses():
     with pytest.raises(PlanError, match="launcher=slurm runs one batch script on every host, but the dsfleet paths"):
         make_plan([host("a", 11, [A100(0)]), host("b", 12, [A100(0)], home="/x", venv="/x/venv")],
                   {"launcher": "slurm"})
+
+
+def test_status_and_progress_of_a_queued_slurm_run():
+    plan = make_plan([host("a", 11, [A100(0)]), host("b", 12, [A100(0)])], {"launcher": "slurm"})
+    queued = {"dsfleet_status": 1, "state": "queued", "rc": None, "reason": None, "progress": None,
+              "ranks_alive": 0, "slurm": {"id": 5, "state": "PENDING", "reason": "Priority"}}
+    statuses = {"a": dict(queued, report=True), "b": dict(queued)}
+    assert R.progress(plan, statuses) == {"state": "running", "host": "", "reason": "", "log_tail": "",
+                                          "line": "queued: SLURM job 5 PENDING (Priority)"}
+    lines = R.status_table(plan, statuses)
+    assert lines[1].split()[:3] == ["a", "queued", "0/1"] and lines[-1] == "run r: queued: SLURM job 5 PENDING (Priority)"
+    # the job was cancelled before b's step started: b is blamed with the job's state
+    statuses["b"] = dict(queued, state="exited", rc=143, ended_at=10.0,
+                         reason="SLURM job 5 CANCELLED before this host's ranks started")
+    judged = R.progress(plan, statuses)
+    assert (judged["state"], judged["host"], judged["reason"]) == (
+        "failed", "b", "SLURM job 5 CANCELLED before this host's ranks started")
