@@ -181,6 +181,8 @@ def follow_line(status):
             _duration(elapsed), _duration(eta) if eta is not None else "n/a")
     job = st.get("slurm") or {}
     if st.get("state") == "queued" and job.get("id"):
+        if job.get("state") == "RUNNING":
+            return "starting: SLURM job %s is running; this host's step is starting" % job["id"]
         reason = job.get("reason") if job.get("reason") not in (None, "", "None", "(null)") else ""
         return "queued: SLURM job %s %s%s" % (job["id"], job.get("state", "?"), " (%s)" % reason if reason else "")
     started = float(st.get("started_at") or now)

@@ -348,6 +348,8 @@ def test_follow_line_gives_step_loss_rate_elapsed_and_eta():
         "queued: SLURM job 7 PENDING (Resources)"
     assert R.follow_line({"state": "queued", "slurm": {"id": 8, "state": "PENDING", "reason": "None"}}) == \
         "queued: SLURM job 8 PENDING"
+    assert R.follow_line({"state": "queued", "slurm": {"id": 8, "state": "RUNNING", "reason": "None"}}) == \
+        "starting: SLURM job 8 is running; this host's step is starting"
 
 
 def test_status_table_and_stop_report():
