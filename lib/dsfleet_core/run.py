@@ -485,6 +485,9 @@ def stop_report(plan, stops, checkpoints):
     stopped = [name for name, st in stops.items() if (st or {}).get("terminated")]
     lines = ["run %s: stopped on %s" % (plan["run_id"], ", ".join(stopped) if stopped else
                                          "no host (nothing of the run was running)")]
+    if plan.get("slurm"):
+        lines.append("the SLURM job %s is cancelled too, whether queued or running (scancel --me --name %s)"
+                     % (plan["slurm"]["job_name"], plan["slurm"]["job_name"]))
     step = common_checkpoint(checkpoints)
     if step is None:
         lines.append("no checkpoint is complete on every host (%s): a resume would start from step 0" % ", ".join(

@@ -961,6 +961,9 @@ def test_status_and_progress_of_a_queued_slurm_run():
                                           "line": "queued: SLURM job 5 PENDING (Priority)"}
     lines = R.status_table(plan, statuses)
     assert lines[1].split()[:3] == ["a", "queued", "0/1"] and lines[-1] == "run r: queued: SLURM job 5 PENDING (Priority)"
+    assert R.stop_report(plan, {"a": {"terminated": []}, "b": {"terminated": []}}, {"a": [], "b": []})[:2] == [
+        "run r: stopped on no host (nothing of the run was running)",
+        "the SLURM job dsfleet-r is cancelled too, whether queued or running (scancel --me --name dsfleet-r)"]
     # the job was cancelled before b's step started: b is blamed with the job's state
     statuses["b"] = dict(queued, state="exited", rc=143, ended_at=10.0,
                          reason="SLURM job 5 CANCELLED before this host's ranks started")
