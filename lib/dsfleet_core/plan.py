@@ -909,12 +909,10 @@ def slurm_request(k, plan_hosts, accelerator):
     slots as tasks and its devices as GRES. Tasks per node and GRES are one value per job component, so nodes that
     differ in either are a heterogeneous job, one component per kind of node (in plan order). Each node's one step
     task is its launcher, which starts its ranks."""
-    kinds = []
+    kinds = {}  # (tasks per node, GRES) -> its nodes, in plan order
     for h in plan_hosts:
-        kind = (h["slots"], ("gpu:%d" % h["slots"]) if accelerator != "cpu" else None)
-        if kind not in [k for k, _ in kinds]:
-            kinds.append((kind, []))
-        next(nodes for k, nodes in kinds if k == kind).append(h["slurm_node"])
+        kinds.setdefault((h["slots"], ("gpu:%d" % h["slots"]) if accelerator != "cpu" else None),
+                         []).append(h["slurm_node"])
     options = []
     for name in ("partition", "account", "time"):
         if k["slurm_" + name]:
@@ -924,7 +922,8 @@ def slurm_request(k, plan_hosts, accelerator):
     options += [str(o) for o in k["slurm_options"]]
     return {"job_name": "dsfleet-" + k["run_id"], "submit": k["slurm_submit"],
             "nodes": [h["slurm_node"] for h in plan_hosts],
-            "components": [{"nodes": nodes, "tasks_per_node": slots, "gres": gres} for (slots, gres), nodes in kinds],
+            "components": [{"nodes": nodes, "tasks_per_node": slots, "gres": gres}
+                           for (slots, gres), nodes in kinds.items()],
             "options": options}
 
 
@@ -1243,8 +1242,9 @@ def add_processes(plan, records):
             # the supervisor outlives the controller and enforces the timeouts itself
             "start": None if process is None else {
                 "argv": supervise + ["--"] + process["argv"], "env": process["env"], "cwd": process["cwd"]},
-            # launcher=slurm: the master submits job.sbatch (on stdin: it carries the code) and cancels it
-            "submit": {"argv": ["sbatch", "--parsable"], "cwd": paths["home"]} if slurm and is_master else None,
+            # launcher=slurm: the master submits job.sbatch (copied beside the run there) and cancels it
+            "submit": {"argv": ["sbatch", "--parsable", paths["run_dir"] + "/job.sbatch"], "cwd": paths["home"],
+                       "script": paths["run_dir"] + "/job.sbatch"} if slurm and is_master else None,
             "cancel": {"argv": ["scancel", "--me", "--name", plan["slurm"]["job_name"]]}
             if slurm and is_master else None,
             "status": {"argv": _node(paths, "status", "--wait", str(watch["poll_interval"]))

@@ -870,7 +870,8 @@ def test_slurm_plan_submits_on_the_master_and_every_node_step_runs_what_the_ansi
             assert h["slurm_step"]["env"] == other["process"]["env"]
             assert h["commands"]["status"]["argv"][-2:] == ["--slurm-job", "dsfleet-r"]
             assert (h["commands"]["submit"] is not None) == (h["node_rank"] == 0)
-        assert plan["hosts"][0]["commands"]["submit"]["argv"] == ["sbatch", "--parsable"]
+        assert plan["hosts"][0]["commands"]["submit"]["argv"] == ["sbatch", "--parsable",
+                                                                 "/home/u/.dsfleet/runs/r/job.sbatch"]
         assert plan["hosts"][0]["commands"]["cancel"]["argv"] == ["scancel", "--me", "--name", "dsfleet-r"]
         text = render.sbatch_script(plan, "QUJD" * 60)
         sbatch = [ln for ln in text.splitlines() if ln.startswith("#SBATCH")]
