@@ -3,8 +3,8 @@
 
 Reads what was passed with -e and what the inventory sets (inline host/group vars, group_vars/ and host_vars/
 next to the inventory or the playbook), checks every name against the one knob spec
-(lib/dsfleet_core/knobs.py) and the options the roles declare in meta/argument_specs.yml, and fails naming the
-closest known name: ``-e modle=/data/llama`` does not silently train ``tiny``, ``-e dry_run=ture`` does not start
+(lib/dsfleet_core/knobs.py) and the options the roles declare in meta/argument_specs.yml (their types and choices
+too), and fails naming the closest known name: ``-e modle=/data/llama`` does not silently train ``tiny``, ``-e dry_run=ture`` does not start
 a run. Runs on the controller only; changes nothing.
 """
 
@@ -25,15 +25,17 @@ from dsfleet_core import knobs  # noqa: E402
 
 
 def role_options(roles_dir=None):
-    """Every option name the roles' argument specs declare."""
+    """Every option the roles' argument specs declare: name -> its spec (type, choices). Their types are checked
+    here, once, for what the user set: the launch path skips the roles' own validation tasks."""
     roles_dir = roles_dir or os.path.join(_ROOT, "roles")
-    names = set()
+    options = {}
     for path in sorted(glob.glob(os.path.join(roles_dir, "*", "meta", "argument_specs.yml"))):
         with open(path) as f:
             specs = (yaml.safe_load(f) or {}).get("argument_specs") or {}
         for entry in specs.values():
-            names.update((entry or {}).get("options") or {})
-    return names
+            for name, spec in ((entry or {}).get("options") or {}).items():
+                options.setdefault(name, spec or {})
+    return options
 
 
 def _plain(data):

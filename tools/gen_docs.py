@@ -29,8 +29,9 @@ def role_options():
     found = {}
     for path in sorted(ROOT.glob("roles/*/meta/argument_specs.yml")):
         specs = (yaml.safe_load(path.read_text()) or {}).get("argument_specs") or {}
-        for name, option in ((specs.get("main") or {}).get("options") or {}).items():
-            found[name] = option or {}
+        for entry in specs.values():
+            for name, option in ((entry or {}).get("options") or {}).items():
+                found.setdefault(name, option or {})
     out = []
     for name in SETUP_OPTIONS:
         option = found[name]

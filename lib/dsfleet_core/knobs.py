@@ -316,14 +316,53 @@ def _is_template(value):
     return isinstance(value, str) and ("{{" in value or "{%" in value)
 
 
+# what each argument-spec type of a role option accepts as the user wrote it (a value from -e arrives as a string)
+_ROLE_TYPES = {
+    "str": lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool),
+    "path": lambda v: isinstance(v, str),
+    "int": lambda v: (isinstance(v, int) and not isinstance(v, bool))
+    or (isinstance(v, str) and v.strip().lstrip("-").isdigit()),
+    "float": lambda v: not isinstance(v, bool) and _is_number(v),
+    "bool": lambda v: isinstance(v, bool) or str(v).lower() in ("1", "0", "true", "false", "yes", "no", "on", "off"),
+    "list": lambda v: isinstance(v, (list, str)),
+    "dict": lambda v: isinstance(v, dict) or (isinstance(v, str) and v.strip().startswith("{")),
+}
+
+
+def _is_number(value):
+    try:
+        float(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def check_role_option(name, spec, value):
+    """The error (a string) for a role option's value of the wrong type or outside its choices, else None. The
+    roles' own argument-spec validation is not run on the launch path (a task per role, 0.2 s each); this is."""
+    if value is None or _is_template(value):
+        return None
+    kind = (spec or {}).get("type", "str")
+    accepts = _ROLE_TYPES.get(kind)
+    if accepts and not accepts(value):
+        return "%s=%r is not of type %s (its role's meta/argument_specs.yml); pass a %s value" % (
+            name, value, kind, kind)
+    choices = (spec or {}).get("choices")
+    if choices and str(value) not in [str(c) for c in choices]:
+        return "%s=%r is not one of %s; pass one of them" % (name, value, ", ".join(map(str, choices)))
+    return None
+
+
 def check_user_vars(extra_vars, sources, role_options=(), ansible_names=()):
     """Errors (strings) for what the user set: unknown names, misplaced run knobs and values of the wrong type.
 
     ``extra_vars`` is what was passed with -e; ``sources`` is a list of ``(label, scope, variables)`` read from
     the inventory, where label says where the names were found ("group_vars of all", "host_vars of gpu1") and
-    scope is "group" or "host". ``role_options`` are the names the roles' argument specs declare (setup.yml's
-    options: python_env_*, dsfleet_home, ...); ``ansible_names`` are Ansible's own reserved names, never flagged.
+    scope is "group" or "host". ``role_options`` are the options the roles' argument specs declare (setup.yml's
+    options: python_env_*, dsfleet_home, ...): names, or a dict of name -> spec whose types and choices are checked
+    too; ``ansible_names`` are Ansible's own reserved names, never flagged.
     """
+    specs = role_options if isinstance(role_options, dict) else {}
     known = set(KNOBS) | set(role_options)
     patterns = [str(n) for n in ansible_names]
     patterns += coerce("other_vars", extra_vars.get("other_vars") or [])
@@ -359,6 +398,10 @@ def check_user_vars(extra_vars, sources, role_options=(), ansible_names=()):
                     check_value(name, value)
                 except PlanError as exc:
                     errors.append("in %s: %s" % (label, str(exc).replace("dsfleet: ", "", 1)))
+            elif name in specs:
+                error = check_role_option(name, specs[name], value)
+                if error:
+                    errors.append("in %s: %s" % (label, error))
     return errors
 
 

@@ -48,6 +48,25 @@ def test_what_is_known_or_foreign_passes():
     assert K.check_user_vars(extra, sources, ROLE_OPTIONS, ("inventory_dir",)) == []
 
 
+def test_role_options_are_checked_against_their_argument_spec_types():
+    """The launch path skips the roles' own validation tasks; the same types are checked once, up front."""
+    sys.path.insert(0, str(ROOT / "action_plugins"))
+    import dsfleet_check_vars
+    options = dsfleet_check_vars.role_options()
+    errors = K.check_user_vars({"gpu_facts_timeout": "soon", "python_env_wheelhouse_build": "maybe"},
+                               [("host_vars of gpu1", "host", {"gpu_facts_gather_subset": {"a": 1}})], options)
+    assert len(errors) == 3, errors
+    text = "\n".join(errors)
+    assert "what was passed with -e: gpu_facts_timeout='soon' is not of type int" in text
+    assert "what was passed with -e: python_env_wheelhouse_build='maybe' is not of type bool" in text
+    assert "host_vars of gpu1: gpu_facts_gather_subset={'a': 1} is not of type list" in text
+    good = {"gpu_facts_timeout": "30", "python_env_wheelhouse_build": "true", "dsfleet_home": "/srv/dsfleet",
+            "gpu_facts_visible": "{{ gpus }}"}
+    assert K.check_user_vars(good, [("group_vars of all", "group", {"gpu_facts_timeout": 5})], options) == []
+    choice = next(n for n, spec in options.items() if spec.get("choices"))
+    assert "is not one of" in K.check_user_vars({choice: "no-such-choice"}, [], options)[0]
+
+
 def test_other_vars_from_the_inventory_silence_that_projects_names():
     sources = [("group_vars of all", "group", {"other_vars": ["backup_*"], "backup_dir": "/b"})]
     assert K.check_user_vars({}, sources) == []
@@ -105,7 +124,8 @@ def test_the_action_plugin_knows_every_role_option():
     import dsfleet_check_vars
     options = dsfleet_check_vars.role_options()
     assert {"python_env_python", "python_env_wheelhouse", "dsfleet_home", "dsfleet_venv", "gpu_facts_timeout",
-            "ssh_mesh_key_path", "plan_runs_dir"} <= options
+            "ssh_mesh_key_path", "plan_runs_dir"} <= set(options)
+    assert options["gpu_facts_timeout"]["type"] == "int"
 
 
 # --- one place for command lines and environments -------------------------------------------------------------
