@@ -21,6 +21,7 @@ A host record (built per host by roles/plan from facts) looks like::
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ipaddress
 import itertools
@@ -1097,17 +1098,29 @@ def train_args(plan, paths):
     return args
 
 
-def launcher_args(plan, node_rank, paths):
-    """DeepSpeed launcher arguments: one node (--no_ssh --node_rank) or, with node_rank None, the pdsh runner."""
+def pdsh_args(plan, paths):
+    """DeepSpeed's multi-node runner on the master (launcher=pdsh): it ssh's to every host of the hostfile."""
     args = ["--hostfile", paths["hostfile"], "--master_addr", plan["master"]["address"],
             "--master_port", str(plan["master"]["port"])]
     if plan["include"]:
         args += ["--include", plan["include"]]
-    if node_rank is None:
-        args += ["--launcher", "pdsh"]
-    else:
-        args += ["--no_ssh", "--node_rank", str(node_rank)]
-    return args
+    return args + ["--launcher", "pdsh"]
+
+
+def world_info(plan):
+    """DeepSpeed's --world_info: every host (hostfile order, as the launcher names it) with the device indices its
+    ranks use, JSON in urlsafe base64 -- what `deepspeed --hostfile --include` computes and hands launch.py."""
+    info = {h["address"]: (h["devices"] if plan["include"] else list(range(h["slots"]))) for h in plan["hosts"]}
+    return base64.urlsafe_b64encode(json.dumps(info).encode()).decode()
+
+
+def node_launch_args(plan, host, paths):
+    """One node's DeepSpeed launcher, started directly: `python -u -m deepspeed.launcher.launch` with the arguments
+    `deepspeed --no_ssh --node_rank N` would pass it. The runner in between only parses the hostfile, yet imports
+    deepspeed and torch once more on every host before launch.py does (~1.5-2.5 s of CPU each, measured)."""
+    return [paths["python"], "-u", "-m", "deepspeed.launcher.launch", "--world_info=" + world_info(plan),
+            "--master_addr=" + plan["master"]["address"], "--master_port=%d" % plan["master"]["port"],
+            "--node_rank=%d" % host["node_rank"]]
 
 
 def torchrun_args(plan, host):
@@ -1207,8 +1220,7 @@ def add_processes(plan, records):
         # what the ansible launcher starts on this host (one DeepSpeed launcher per node); also what
         # runs/<id>/nodes/<host>.sh starts by hand, whichever launcher the plan uses
         if plan.get("strategy", "deepspeed") == "deepspeed":
-            host["node_process"] = {"argv": [paths["deepspeed"]] + launcher_args(plan, host["node_rank"], paths)
-                                    + [paths["train"]] + train_args(plan, paths), "env": dict(env),
+            host["node_process"] = {"argv": node_launch_args(plan, host, paths) + [paths["train"]] + train_args(plan, paths), "env": dict(env),
                                     "cwd": paths["run_dir"]}
         else:  # FSDP, DDP: one torchrun per node
             if plan["accelerator"] in VISIBLE_DEVICES:
@@ -1221,7 +1233,7 @@ def add_processes(plan, records):
                           str(watch["startup_timeout"]), "--grace", str(watch["stop_grace"]))
         if pdsh and is_master:
             env["PDSH_RCMD_TYPE"] = "ssh"
-            process = {"argv": [paths["deepspeed"]] + launcher_args(plan, None, paths) + [paths["train"]]
+            process = {"argv": [paths["deepspeed"]] + pdsh_args(plan, paths) + [paths["train"]]
                        + train_args(plan, paths), "env": env, "cwd": paths["run_dir"]}
         elif slurm:
             # SLURM starts it: this node's step of job.sbatch runs the node's launcher under the supervisor, in the

@@ -22,7 +22,10 @@ def hostfile(plan):
              % (plan["run_id"], plan["world_size"], plan["nodes"], plan["accelerator"]),
              "# Rank 0 lives on the first host (%s); hosts are named as the launcher reaches them."
              % plan["master"]["name"]]
-    lines += ["%s slots=%d" % (h["address"], h["slots"]) for h in plan["hosts"]]
+    # DeepSpeed's runner takes a host's devices as 0..slots-1 and lets --include only pick among them: a host whose
+    # devices are not 0..n-1 (gpus: [0, 2]) is listed up to its highest index, and --include keeps the planned ones
+    lines += ["%s slots=%d" % (h["address"], max(h["devices"]) + 1 if plan["include"] else h["slots"])
+              for h in plan["hosts"]]
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,5 @@
 """The cluster planner on tables of clusters: which hosts, slots, vendor, backend, precision, master, ifnames."""
+import base64
 import json
 import pathlib
 
@@ -187,10 +188,13 @@ def test_process_specs_ansible_launcher_one_deepspeed_per_host():
         paths, proc, cmds = h["paths"], h["process"], h["commands"]
         assert paths["run_dir"] == "/home/u/.dsfleet/runs/r1" and proc["cwd"] == paths["run_dir"]
         argv = proc["argv"]
-        assert argv[0] == "/home/u/.dsfleet/venv/bin/deepspeed"
-        assert argv[1:10] == ["--hostfile", paths["hostfile"], "--master_addr", "10.1.0.11", "--master_port",
-                              "29500", "--no_ssh", "--node_rank", str(h["node_rank"])]
-        assert argv[10] == paths["train"]
+        # DeepSpeed's per-node launcher itself, with what `deepspeed --no_ssh --node_rank N` would pass it
+        assert argv[:4] == ["/home/u/.dsfleet/venv/bin/python", "-u", "-m", "deepspeed.launcher.launch"]
+        world = json.loads(base64.urlsafe_b64decode(argv[4].split("=", 1)[1]))
+        assert argv[4].startswith("--world_info=") and list(world.items()) == [
+            (x["address"], list(range(x["slots"]))) for x in plan["hosts"]]
+        assert argv[5:8] == ["--master_addr=10.1.0.11", "--master_port=29500", "--node_rank=%d" % h["node_rank"]]
+        assert argv[8] == paths["train"]
         assert argv[argv.index("--keep_checkpoints") + 1] == "2" and "--resume" not in argv
         assert argv[argv.index("--max_steps") + 1] == "7" and argv[argv.index("--model") + 1] == "/m"
         assert argv[argv.index("--deepspeed_config") + 1] == paths["ds_config"]
@@ -198,7 +202,7 @@ def test_process_specs_ansible_launcher_one_deepspeed_per_host():
         assert cmds["start"]["argv"] == [paths["python"], paths["node"], "start", "--run-dir", paths["run_dir"],
                                          "--stall-timeout", "300", "--startup-timeout", "600", "--grace", "10",
                                          "--"] + argv
-        assert cmds["preflight"]["argv"][3:] == argv[11:]
+        assert cmds["preflight"]["argv"][3:] == argv[9:]
         env = proc["env"]
         assert env["PATH"] == "/home/u/.dsfleet/venv/bin:/usr/bin:/bin"
         assert (env["DS_ACCELERATOR"], env["NCCL_SOCKET_IFNAME"], env["NCCL_DEBUG"]) == ("cuda", "eth0", "INFO")
@@ -551,6 +555,15 @@ def test_export_source_gathers_the_newest_whole_checkpoint_on_the_master():
     assert plan["hosts"][1]["commands"]["export"] is None   # the master gathers
 
 
+def test_devices_not_from_zero_list_the_host_to_its_highest_index_and_include_the_planned_ones():
+    """DeepSpeed's runner only lets --include pick among 0..slots-1 (real runner: tests/e2e/test_launcher_args.py)."""
+    from dsfleet_core import render
+    plan = make_plan([host("a", 11, [A100(0), A100(2)]), host("b", 12, [A100(0), A100(1)])])
+    assert plan["include"] == "10.1.0.11:0,2@10.1.0.12:0,1" and plan["world_size"] == 4
+    assert render.hostfile(plan).splitlines()[2:] == ["10.1.0.11 slots=3", "10.1.0.12 slots=2"]
+    assert json.loads(base64.urlsafe_b64decode(P.world_info(plan))) == {"10.1.0.11": [0, 2], "10.1.0.12": [0, 1]}
+
+
 def test_the_run_files_render_from_the_plan():
     from dsfleet_core import render
     plan = _three()
@@ -691,8 +704,8 @@ def test_each_hosts_script_starts_by_hand_what_the_ansible_launcher_starts_there
         for h in plan["hosts"]:
             text = scripts["nodes/%s.sh" % h["name"]]
             proc = h["node_process"]
-            assert proc["argv"][proc["argv"].index("--node_rank") + 1] == str(h["node_rank"])
-            assert "--no_ssh" in proc["argv"] and "--launcher" not in proc["argv"]
+            assert "--node_rank=%d" % h["node_rank"] in proc["argv"]
+            assert "deepspeed.launcher.launch" in proc["argv"] and "--launcher" not in proc["argv"]
             if launcher == "ansible":
                 assert proc["argv"] == h["process"]["argv"] and proc["env"] == h["process"]["env"]
             assert text.splitlines()[-1] == "exec " + " ".join(shlex.quote(a) for a in proc["argv"])
@@ -770,7 +783,7 @@ def test_fsdp_runs_torchrun_on_every_host_with_its_rank_devices_and_sharding():
     assert full["sizing"]["model_states_mib"] < s["model_states_mib"] and full["fsdp_sharding"] == "full"
     # DeepSpeed's plan is unchanged: its launcher, ZeRO in the ds_config
     ds = P.make_plan(hosts, {"run_id": "r"}, model=LLAMA7B)
-    assert ds["hosts"][1]["process"]["argv"][0].endswith("/bin/deepspeed") and "--strategy" not in ds["hosts"][1][
+    assert ds["hosts"][1]["process"]["argv"][3] == "deepspeed.launcher.launch" and "--strategy" not in ds["hosts"][1][
         "process"]["argv"] and ds["ds_config"]["zero_optimization"]["stage"] in (2, 3)
 
 
