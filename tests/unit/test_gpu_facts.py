@@ -902,3 +902,17 @@ def test_e2e_through_ansible(tmp_path):
     assert [g["index"] for g in facts["gpus"]] == [2, 0]
     assert facts["runtime_version"] == "12.2" and result["changed"] is False
     assert "[WARNING]: GPU 0 (NVIDIA A100-SXM4-80GB) has MIG enabled" in proc.stderr
+
+
+def test_e2e_ansible_facts_come_in_the_same_call(run_module):
+    """gather_subset: the facts the plan needs (network, distribution, env) beside dsfleet_gpu, one call per host;
+    none of Ansible's facts without it; a subset no collector has fails naming it."""
+    result = run_module({"nvidia-smi": A100_NVIDIA_SMI}, gather_subset=["!all", "!min", "network", "distribution"])
+    facts = result["ansible_facts"]
+    assert facts["dsfleet_gpu"]["accelerator"] == "nvidia"
+    assert "lo" in facts["ansible_interfaces"] and facts["ansible_distribution"]
+    assert "ansible_env" not in facts and "ansible_date_time" not in facts   # !min left the minimal facts out
+    alone = run_module({"nvidia-smi": A100_NVIDIA_SMI})["ansible_facts"]
+    assert sorted(alone) == ["dsfleet_gpu"]
+    bad = run_module({"nvidia-smi": A100_NVIDIA_SMI}, gather_subset=["netwrok"])
+    assert bad["failed"] and "netwrok" in bad["msg"], bad

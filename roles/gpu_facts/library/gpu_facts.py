@@ -1466,6 +1466,7 @@ def ansible_facts(module, gather_subset, gather_timeout):
     from ansible.module_utils.facts import ansible_collector, default_collectors
     from ansible.module_utils.facts.namespace import PrefixFactNamespace
 
+    # ansible.builtin.setup's own minimal_gather_subset (defined inside its main(), not importable)
     minimal = frozenset(["apparmor", "caps", "cmdline", "date_time", "distribution", "dns", "env", "fips", "local",
                          "lsb", "pkg_mgr", "platform", "python", "selinux", "service_mgr", "ssh_pub_keys", "user"])
     try:
