@@ -4,8 +4,8 @@
 Reads what was passed with -e and what the inventory sets (inline host/group vars, group_vars/ and host_vars/
 next to the inventory or the playbook), checks every name against the one knob spec
 (lib/dsfleet_core/knobs.py) and the options the roles declare in meta/argument_specs.yml (their types and choices
-too), and fails naming the closest known name: ``-e modle=/data/llama`` does not silently train ``tiny``, ``-e dry_run=ture`` does not start
-a run. Runs on the controller only; changes nothing.
+too), and fails naming the closest known name: ``-e modle=/data/llama`` does not silently train ``tiny``,
+``-e dry_run=ture`` does not start a run. Runs on the controller only; changes nothing.
 """
 
 import glob

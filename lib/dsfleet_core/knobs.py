@@ -139,8 +139,8 @@ KNOB_LIST = (
     Knob("extra_env", dict, {}, "hosts", "extra environment for every rank, e.g. "
          "`-e '{\"extra_env\": {\"NCCL_DEBUG\": \"INFO\"}}'`"),
     Knob("launcher", str, "ansible", "run", "`ansible`: Ansible starts DeepSpeed's node launcher (what "
-         "`deepspeed --no_ssh --node_rank N` runs; fsdp, ddp: `torchrun --node_rank N`) on every host and watches each; `pdsh`: DeepSpeed's own multi-node runner "
-         "from the master (strategy=deepspeed); `slurm`: an sbatch script rendered from the plan "
+         "`deepspeed --no_ssh --node_rank N` runs; fsdp, ddp: `torchrun --node_rank N`) on every host and watches "
+         "each; `pdsh`: DeepSpeed's own multi-node runner from the master (strategy=deepspeed); `slurm`: an sbatch script rendered from the plan "
          "(`runs/<id>/job.sbatch`), submitted on the master and followed with `squeue`; each node's step runs what "
          "the ansible launcher runs there",
          choices=("ansible", "pdsh", "slurm")),
