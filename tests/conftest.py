@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import signal
 import sys
 
 import pytest
@@ -12,6 +13,15 @@ from helpers import run_playbook  # noqa: E402
 TESTS = pathlib.Path(__file__).resolve().parent
 VENV = pathlib.Path(os.environ.get("DSFLEET_HOME", pathlib.Path.home() / ".dsfleet")) / "venv"
 TIERS = ("unit", "e2e", "cluster")
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt("signal %d" % signum)
+
+
+# tests/run.sh runs the cluster tier in the background, where SIGINT is ignored, and stops it with SIGTERM: as a
+# KeyboardInterrupt, the fixtures' teardown (the rigs' sshd, namespaces and bridges) still runs
+signal.signal(signal.SIGTERM, _interrupted)
 
 
 def pytest_collection_modifyitems(config, items):

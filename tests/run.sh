@@ -2,7 +2,7 @@
 # The dsfleet test suite on a fresh Debian/Ubuntu machine. Installs everything it needs: apt packages (as root),
 # the controller venv with Ansible, molecule, pytest and linters (.venv), and, through the real setup.yml, the
 # training venv (~/.dsfleet/venv).
-#   tests/run.sh                 lint, then every tier: unit, e2e, cluster (what CI runs)
+#   tests/run.sh                 lint, then every tier: unit and e2e, with cluster beside them (what CI runs)
 #   tests/run.sh unit            pure code only: no root, no DeepSpeed, seconds
 #   tests/run.sh e2e             real setup.yml and DeepSpeed training on this machine
 #   tests/run.sh cluster         network-namespace hosts with their own sshd (root)
@@ -47,7 +47,35 @@ lint() {
 case "$tier" in
   lint) lint; exit 0 ;;
   unit|e2e|cluster) set -- "tests/$tier" "$@" ;;
-  *) if [ "$#" -eq 0 ]; then lint; set -- tests/unit tests/e2e tests/cluster; fi ;;
+  *) if [ "$#" -eq 0 ]; then lint; set -- all; fi ;;
 esac
-echo "== pytest $*"
-exec python -m pytest -ra --durations=40 "$@"
+if [ "$*" != all ]; then
+  echo "== pytest $*"
+  exec python -m pytest -ra --durations=40 "$@"
+fi
+
+# Every tier. The cluster tier's hosts are network namespaces with their own sshd, homes and /tmp, so it runs beside
+# unit and e2e (this machine's ~/.dsfleet): a run is mostly waiting (SSH rounds, imports, polls), and one tier after
+# the other left half of a 2-core machine idle. DSFLEET_TEST_JOBS=1 runs them one after the other.
+if [ "${DSFLEET_TEST_JOBS:-2}" = 1 ]; then
+  echo "== pytest tests/unit tests/e2e tests/cluster"
+  exec python -m pytest -ra --durations=40 tests/unit tests/e2e tests/cluster
+fi
+mkdir -p tests/.work/logs
+log=tests/.work/logs/cluster.log
+echo "== pytest tests/cluster, beside the others: its output at the end (meanwhile: tail -f $log)"
+# a short base (unix socket paths under it: ssh control sockets), not the other session's numbered pytest-of-<user>
+python -m pytest -ra --durations=25 --basetemp="$(mktemp -d /tmp/dsft-XXXXXX)" tests/cluster >"$log" 2>&1 &
+cluster=$!
+# pytest tears its rigs down on SIGTERM (tests/conftest.py); a background job ignores SIGINT
+trap 'kill -TERM "$cluster" 2>/dev/null; wait "$cluster"' INT TERM
+echo "== pytest tests/unit tests/e2e"
+rc=0
+python -m pytest -ra --durations=25 tests/unit tests/e2e || rc=$?
+cluster_rc=0
+wait "$cluster" || cluster_rc=$?
+trap - INT TERM
+echo "== tests/cluster (exit $cluster_rc)"
+cat "$log"
+echo "== tests/unit tests/e2e: exit $rc; tests/cluster: exit $cluster_rc"
+[ "$rc" = 0 ] && [ "$cluster_rc" = 0 ]

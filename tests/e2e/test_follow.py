@@ -48,6 +48,27 @@ def _rss_kib(pid):
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
+def _cpu_s(pid):
+    """CPU seconds of the playbook process and of its workers (a retried task's polls run in one worker, which
+    waits for each poll's module process): the cost of polling, whatever else this shared machine runs."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def fields(entry):
+        with open("/proc/%s/stat" % entry) as f:
+            return f.read().rsplit(")", 1)[1].split()   # fields from the state on: ppid at 1, utime at 11
+
+    total = sum(int(x) for x in fields(pid)[11:13])
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                mine = fields(entry)
+            except OSError:
+                continue
+            if int(mine[1]) == pid:
+                total += sum(int(x) for x in mine[11:15])
+    return total / tick
+
+
 def _playbook_pid(marker):
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -85,14 +106,15 @@ def test_follow_a_thousand_polls_at_constant_cost(tmp_path):
                              capture_output=True, text=True, timeout=30)
     assert started.returncode == 0 and json.loads(started.stdout)["pid"], started.stderr
 
-    polls, samples = [], {}
+    polls, samples, cpu = [], {}, {}
     private = tempfile.mkdtemp(prefix="dsfleet-follow-")
 
     def on_event(event):
         if event.get("event") == "runner_retry" and event["event_data"].get("host") == "localhost":
             polls.append(datetime.datetime.fromisoformat(event["created"]).timestamp())
-            if len(polls) in (100, POLLS):
+            if len(polls) in (20, 100, 120, POLLS - 100, POLLS):
                 pid = _playbook_pid(private)
+                cpu[len(polls)] = _cpu_s(pid) if pid else None
                 samples[len(polls)] = _rss_kib(pid) if pid else None
             if len(polls) == POLLS:
                 stop.write_text("enough")
@@ -116,14 +138,19 @@ def test_follow_a_thousand_polls_at_constant_cost(tmp_path):
     assert len(polls) >= POLLS
     # one progress line per poll, from the master's status
     assert stdout.count("[localhost] step ") >= POLLS - 5
-    # the cost of a poll does not grow with the number of polls (medians: this machine is shared and noisy)
+    # the cost of a poll does not grow with the number of polls: the controller's CPU seconds per poll, polls 20-120
+    # against the last 100 (the suite runs its cluster tier beside this one: wall time swings with that load)
+    assert all(cpu.get(n) is not None for n in (20, 120, POLLS - 100, POLLS)), cpu
+    cpu_early, cpu_late = (cpu[120] - cpu[20]) / 100, (cpu[POLLS] - cpu[POLLS - 100]) / 100
+    assert 0 < cpu_late < cpu_early * 1.5 + 0.005, (cpu_early, cpu_late)
+    # and the time between polls (medians) stays of the same order
     gaps = [b - a for a, b in zip(polls, polls[1:], strict=False)]
     early, late = statistics.median(gaps[20:120]), statistics.median(gaps[-100:])
-    assert late < early * 1.5 + 0.05, (early, late)
+    assert late < early * 3 + 0.1, (early, late)
     # nor does the controller's memory
     assert samples[100] and samples[POLLS], samples
     assert samples[POLLS] - samples[100] < 30 * 1024, samples
     summary = json.loads((RUNS / run_id / "summary.json").read_text())
     assert summary["steps"] > 0 and summary["run_id"] == run_id
-    print("polls %d, median gap %.3fs -> %.3fs, controller RSS %d -> %d KiB" % (
-        len(polls), early, late, samples[100], samples[POLLS]))
+    print("polls %d, median gap %.3fs -> %.3fs, controller CPU per poll %.4fs -> %.4fs, RSS %d -> %d KiB" % (
+        len(polls), early, late, cpu_early, cpu_late, samples[100], samples[POLLS]))
