@@ -368,8 +368,10 @@ print(json.dumps({"max_diff": float((out[0] - out[1]).abs().max()), "scale": flo
 
 def test_a_zero3_run_on_three_hosts_exports_from_its_scattered_shards(cluster, tmp_path):
     """Each host holds only its own rank's ZeRO-3 partition; export.yml gathers them on h1, rebuilds the weights and
-    fetches a Hugging Face directory to the controller that gives the training engine's logits."""
-    result, run_id, took = launch(cluster, tmp_path, max_steps=6, zero_stage=3, precision="fp32", block_size=32)
+    fetches a Hugging Face directory to the controller that gives the training engine's logits; a mid-run checkpoint
+    exports too (left on h1 with export_to=host), a step that is not a checkpoint fails naming those there are."""
+    result, run_id, took = launch(cluster, tmp_path, max_steps=6, zero_stage=3, precision="fp32", block_size=32,
+                                  save_every=3, keep_checkpoints=0)
     assert result.rc == 0, result.stdout[-3000:]
     for rank, host in enumerate(cluster.names):
         tag = home(cluster, host) / ".dsfleet" / "runs" / run_id / "out" / "checkpoint" / "global_step6"
@@ -388,6 +390,21 @@ def test_a_zero3_run_on_three_hosts_exports_from_its_scattered_shards(cluster, t
     assert same.returncode == 0, same.stderr[-2000:]
     diff = json.loads(same.stdout.splitlines()[-1])
     assert diff["scale"] > 0 and diff["max_diff"] <= 1e-5 * diff["scale"], diff
+
+    # a mid-run checkpoint, left on the host that gathered it
+    mid = operate(cluster, tmp_path, "playbooks/export.yml", run_id, step=3, export_to="host")
+    assert mid.rc == 0, mid.stdout[-4000:]
+    assert "exporting step 3 on h1 from 3 rank(s)' files" in mid.stdout and "not fetched (export_to=host)" in mid.stdout
+    assert not (RUNS / run_id / "export-global_step3").exists()
+    on_host = home(cluster, "h1") / ".dsfleet" / "runs" / run_id / "out" / "export-global_step3"
+    differs = subprocess.run([str(python), "-c", LOGITS, str(on_host), str(end_of_run)], capture_output=True,
+                             text=True, timeout=300)
+    assert differs.returncode == 0, differs.stderr[-2000:]
+    assert json.loads(differs.stdout.splitlines()[-1])["max_diff"] > 1e-4   # three steps before the end
+    bad = operate(cluster, tmp_path, "playbooks/export.yml", run_id, step=4)
+    assert bad.rc != 0
+    assert any("step 4 is not a checkpoint whose every rank's files are on the hosts (complete: 3, 6)" in f
+               for f in bad.failures), bad.failures
 
     # inference from the run id: the export is shipped to every host; 20 prompts over 3 hosts come back in order
     prompts = tmp_path / "prompts.jsonl"
