@@ -67,7 +67,9 @@ def main():
 
     base = {"python_env_python": "/usr/bin/python3", "python_env_wheelhouse": str(WORK / "wheelhouse"),
             "python_env_wheelhouse_build": True, "python_env_wheelhouse_python": "/usr/bin/python3",
-            "cpu_ranks": 1, "max_steps": 20, "poll_interval": 1,
+            # the default poll_interval (5 s), what users run: at 1 s the follower's polls (an SSH exec per host per
+            # second) took ~6 s from the ranks' start here, where every host shares the controller's 2 cores
+            "cpu_ranks": 1, "max_steps": 20,
             "extra_env": {"OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": "/var/tmp/dsfleet-test-torch-extensions"}}
     state = tempfile.mkdtemp(prefix="dsfleet-bench-")
     rig = rigmod.create(state, hosts=args.hosts, prefix="dsfbn", subnet="10.177.62.0/24")
