@@ -65,7 +65,8 @@ mkdir -p tests/.work/logs
 log=tests/.work/logs/cluster.log
 echo "== pytest tests/cluster, beside the others: its output at the end (meanwhile: tail -f $log)"
 # a short base (unix socket paths under it: ssh control sockets), not the other session's numbered pytest-of-<user>
-python -m pytest -ra --durations=25 --basetemp="$(mktemp -d /tmp/dsft-XXXXXX)" tests/cluster >"$log" 2>&1 &
+base=$(mktemp -d /tmp/dsft-XXXXXX)
+python -m pytest -ra --durations=25 --basetemp="$base" tests/cluster >"$log" 2>&1 &
 cluster=$!
 # pytest tears its rigs down on SIGTERM (tests/conftest.py); a background job ignores SIGINT
 trap 'kill -TERM "$cluster" 2>/dev/null; wait "$cluster"' INT TERM
@@ -75,6 +76,7 @@ python -m pytest -ra --durations=25 tests/unit tests/e2e || rc=$?
 cluster_rc=0
 wait "$cluster" || cluster_rc=$?
 trap - INT TERM
+rm -rf "$base"
 echo "== tests/cluster (exit $cluster_rc)"
 cat "$log"
 echo "== tests/unit tests/e2e: exit $rc; tests/cluster: exit $cluster_rc"
