@@ -79,8 +79,9 @@ def main():
         results["setup_noop_s"], out = playbook(rig.inventory, "setup.yml", base)
         assert "changed=0" in out and "changed=1" not in out, out[-3000:]
         if not args.setup_only:
-            # one launch to warm the op cache and the page cache, not counted
-            playbook(rig.inventory, "launch.yml", dict(base, run_id="bench-warm"))
+            # one launch to warm the op cache and the page cache, not counted (its own id: a finished run's id,
+            # as a fixed "bench-warm" was from the bench before, ends the play at once and warms nothing)
+            playbook(rig.inventory, "launch.yml", dict(base, run_id="bench-warm-%d" % os.getpid()))
             launch, raw = [], []
             h1_runs = pathlib.Path(rig.host_dir("h1", "root")) / ".dsfleet" / "runs"
             for i in range(args.repeat):

@@ -292,11 +292,13 @@ def _processes(plan, host):
     worlds, ports = [], []
     for r in range(host["replicas"]):
         port = plan["master_port"] + r
-        launcher = [paths["deepspeed"], "--master_addr", "127.0.0.1", "--master_port", str(port)]
-        if host["devices"] is not None:
-            launcher += ["--include", "localhost:" + ",".join(map(str, host["devices"][r * host["tp"]:(r + 1) * host["tp"]]))]
-        else:
-            launcher += ["--num_gpus", str(host["tp"])]
+        # what `deepspeed --include localhost:<devices>` (--num_gpus <tp> on CPU) starts, without the runner and
+        # launch.py importing deepspeed and torch twice before the ranks do (plan.node_launch_args)
+        devices = (host["devices"][r * host["tp"]:(r + 1) * host["tp"]] if host["devices"] is not None
+                   else list(range(host["tp"])))
+        launcher = [paths["python"], "-u", paths["node_launch"],
+                    "--world_info=" + P.encode_world_info({"localhost": devices}), "--master_addr=127.0.0.1",
+                    "--master_port=%d" % port, "--node_rank=0"]
         worlds.append(launcher + [paths["infer"]] + args + ["--replica", str(r), "--replicas", str(host["replicas"])])
         ports.append(port)
     host["ports"] = ports

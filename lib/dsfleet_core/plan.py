@@ -1056,7 +1056,7 @@ def host_paths(home, venv, run_id):
     return {
         "home": home, "venv": venv, "bin": venv + "/bin", "python": venv + "/bin/python",
         "deepspeed": venv + "/bin/deepspeed", "torchrun": venv + "/bin/torchrun", "code": home + "/code", "node": home + "/code/dsfleet_node.py",
-        "train": home + "/code/train/train.py", "run_dir": run_dir, "out": run_dir + "/out",
+        "train": home + "/code/train/train.py", "node_launch": home + "/code/train/node_launch.py", "run_dir": run_dir, "out": run_dir + "/out",
         "log": run_dir + "/node.log", "metrics": run_dir + "/out/metrics.jsonl", "plot": run_dir + "/out/plot.png",
         "tensorboard": run_dir + "/out/tensorboard",
         "hostfile": run_dir + "/hostfile", "ds_config": run_dir + "/ds_config.json",
@@ -1110,15 +1110,21 @@ def pdsh_args(plan, paths):
 def world_info(plan):
     """DeepSpeed's --world_info: every host (hostfile order, as the launcher names it) with the device indices its
     ranks use, JSON in urlsafe base64 -- what `deepspeed --hostfile --include` computes and hands launch.py."""
-    info = {h["address"]: (h["devices"] if plan["include"] else list(range(h["slots"]))) for h in plan["hosts"]}
+    return encode_world_info({h["address"]: (h["devices"] if plan["include"] else list(range(h["slots"])))
+                              for h in plan["hosts"]})
+
+
+def encode_world_info(info):
+    """{host: [device indices]} (node-rank order) as --world_info: JSON in urlsafe base64, as DeepSpeed's runner."""
     return base64.urlsafe_b64encode(json.dumps(info).encode()).decode()
 
 
 def node_launch_args(plan, host, paths):
-    """One node's DeepSpeed launcher, started directly: `python -u -m deepspeed.launcher.launch` with the arguments
-    `deepspeed --no_ssh --node_rank N` would pass it. The runner in between only parses the hostfile, yet imports
-    deepspeed and torch once more on every host before launch.py does (~1.5-2.5 s of CPU each, measured)."""
-    return [paths["python"], "-u", "-m", "deepspeed.launcher.launch", "--world_info=" + world_info(plan),
+    """One node's ranks: code/train/node_launch.py, DeepSpeed's node launcher (`python -m deepspeed.launcher.launch`)
+    without its imports of deepspeed and torch (4-6 s of CPU per host before any rank starts, measured on the rig),
+    with the arguments `deepspeed --no_ssh --node_rank N` would pass launch.py. The ranks it starts get what launch.py
+    gives them, variable for variable (tests/e2e/test_launcher_args.py runs both)."""
+    return [paths["python"], "-u", paths["node_launch"], "--world_info=" + world_info(plan),
             "--master_addr=" + plan["master"]["address"], "--master_port=%d" % plan["master"]["port"],
             "--node_rank=%d" % host["node_rank"]]
 

@@ -8,8 +8,9 @@ import uuid
 
 from helpers import RUNS, run_playbook
 
-# 600 steps: the stop lands near step 130 (40 + what status and stop take), well before the end on a busy machine
-KNOBS = {"max_steps": 600, "block_size": 32, "micro_batch": 2, "log_every": 1, "save_every_minutes": 0,
+# 300 steps: the stop lands near step 60-110 (30 + what status and stop take), well before the end on a busy
+# machine; the straight reference is the longest part of this test (~1 step/s here beside the cluster tier)
+KNOBS = {"max_steps": 300, "block_size": 32, "micro_batch": 2, "log_every": 1, "save_every_minutes": 0,
          "poll_interval": 2, "seed": 77}
 
 
@@ -29,7 +30,7 @@ def test_detach_status_stop_and_resume_exactly(train_python):
     result = run_playbook("launch.yml", dict(KNOBS, run_id=straight))
     assert result.rc == 0, result.stdout[-4000:]
     reference, _ = _steps(straight)
-    assert len(reference) == 600
+    assert len(reference) == 300
 
     result = run_playbook("launch.yml", dict(KNOBS, run_id=stopped, follow=False))
     assert result.rc == 0, result.stdout[-4000:]
@@ -38,7 +39,7 @@ def test_detach_status_stop_and_resume_exactly(train_python):
     deadline = time.time() + 600
     while time.time() < deadline:  # the play has ended; the ranks train on
         st = _status(plan)
-        if (st.get("progress") or {}).get("step", 0) >= 40:
+        if (st.get("progress") or {}).get("step", 0) >= 30:
             break
         assert st["state"] == "running", st
         time.sleep(1)
@@ -58,15 +59,15 @@ def test_detach_status_stop_and_resume_exactly(train_python):
     assert json.loads(ps.stdout)["pids"] == []
     _, events = _steps(stopped)
     halt = [e for e in events if e["event"] == "stopped"][-1]
-    assert 40 <= halt["step"] < 600, halt
+    assert 30 <= halt["step"] < 300, halt
 
     resumed = run_playbook("launch.yml", {"resume": stopped, "poll_interval": 2})
     assert resumed.rc == 0, resumed.stdout[-4000:]
     assert "resuming from step %d" % halt["step"] in resumed.stdout
     summary = json.loads((RUNS / stopped / "summary.json").read_text())
-    assert summary["steps"] == 600
+    assert summary["steps"] == 300
     after = {s: loss for s, loss in _steps(stopped)[0].items() if s > halt["step"]}
-    assert sorted(after) == list(range(halt["step"] + 1, 601))
+    assert sorted(after) == list(range(halt["step"] + 1, 301))
     worst = max(abs(after[s] - reference[s]) / abs(reference[s]) for s in after)
     assert worst < 1e-3, worst
 

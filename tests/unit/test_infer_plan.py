@@ -1,5 +1,6 @@
 """The inference planner on tables of fleets and real model configs: tp per host, dtype, replicas, prompt split;
 and the controller's reading of models and prompts (dsfleet_infer inputs), on real files."""
+import base64
 import json
 import struct
 import sys
@@ -9,6 +10,16 @@ from test_plan import A100, MI250, RTX4090, V100, gpu, host, localhost
 
 from dsfleet_core import PlanError
 from dsfleet_core import infer as I
+
+
+def opt(world, name):
+    """The value of a world's --name=value launcher option (node_launch.py's arguments)."""
+    return next(a.split("=", 1)[1] for a in world if a.startswith("--%s=" % name))
+
+
+def devices(world):
+    """{host: [devices]} of a world's --world_info."""
+    return json.loads(base64.urlsafe_b64decode(opt(world, "world_info")))
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2] / "action_plugins"))
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2] / "train"))
@@ -55,9 +66,11 @@ def test_a_7b_model_takes_one_device_where_it_fits_and_two_where_it_does_not():
         old["commands"]["worlds"])
     # one world per replica: two worlds of two V100s each, on their own ports
     worlds = old["commands"]["worlds"]
-    assert [(w[w.index("--include") + 1], w[w.index("--master_port") + 1], w[w.index("--replica") + 1]) for w in worlds] \
-        == [("localhost:0,1", "29500", "0"), ("localhost:2,3", "29501", "1")]
-    assert all(w[w.index("--master_addr") + 1] == "127.0.0.1" and w[-1] == "2" for w in worlds)
+    assert [(devices(w), opt(w, "master_port"), w[w.index("--replica") + 1]) for w in worlds] \
+        == [({"localhost": [0, 1]}, "29500", "0"), ({"localhost": [2, 3]}, "29501", "1")]
+    # each world is node_launch.py (DeepSpeed's launch.py without its imports), on this host alone
+    assert all(w[2].endswith("/code/train/node_launch.py") and opt(w, "master_addr") == "127.0.0.1"
+               and opt(w, "node_rank") == "0" and w[-1] == "2" for w in worlds)
     stage = old["commands"]["stage"]["argv"]
     assert stage[stage.index("--ports") + 1] == "29500,29501"
 
@@ -128,7 +141,7 @@ def test_fewer_prompts_than_hosts_leaves_hosts_out_and_subsets_of_devices_use_in
     assert p["excluded"] == [{"name": "b", "reason": "no prompt left for it (1 prompt(s))"}]
     odd = host("g", 11, [A100(1), A100(3)])
     worlds = plan([odd], model(LLAMA2_7B, 6738415616), count=4)["hosts"][0]["commands"]["worlds"]
-    assert [w[w.index("--include") + 1] for w in worlds] == ["localhost:1", "localhost:3"]
+    assert [devices(w) for w in worlds] == [{"localhost": [1]}, {"localhost": [3]}]
 
 
 def test_split_is_in_order_proportional_and_total():
@@ -146,7 +159,7 @@ def test_the_local_host_reads_the_model_where_it_is_and_others_get_it_shipped():
     assert loc["paths"]["model"] == "/models/m" and not loc["ship_model"]
     assert w["paths"]["model"] == "/home/u/.dsfleet/models/" + I.model_key("/models/m") and w["ship_model"]
     world = w["commands"]["worlds"][0]
-    assert world[world.index("--model") + 1] == w["paths"]["model"] and world[world.index("--num_gpus") + 1] == "1"
+    assert world[world.index("--model") + 1] == w["paths"]["model"] and devices(world) == {"localhost": [0]}
     stage = w["commands"]["stage"]["argv"]
     assert stage[stage.index("--ports") + 1] == "29500,29501"
     assert json.loads(stage[stage.index("--preflight") + 1])["argv"][2] == "--preflight"

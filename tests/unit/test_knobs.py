@@ -131,7 +131,7 @@ def test_the_action_plugin_knows_every_role_option():
 # --- one place for command lines and environments -------------------------------------------------------------
 
 LAUNCH_TASKS = sorted((ROOT / "roles" / "launch" / "tasks").glob("*.yml"))
-PROCESS_WORDS = ("--node_rank", "--master_addr", "--no_ssh", "deepspeed.launcher", "--hostfile", "--deepspeed_config",
+PROCESS_WORDS = ("--node_rank", "--master_addr", "--no_ssh", "deepspeed.launcher", "node_launch", "--hostfile", "--deepspeed_config",
                  "PYTHONUNBUFFERED", "DS_ACCELERATOR", "PDSH_RCMD_TYPE", "OMP_NUM_THREADS", "SOCKET_IFNAME", "dsfleet_node.py",
                  "bin/deepspeed", "train.py")
 

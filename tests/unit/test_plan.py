@@ -188,13 +188,15 @@ def test_process_specs_ansible_launcher_one_deepspeed_per_host():
         paths, proc, cmds = h["paths"], h["process"], h["commands"]
         assert paths["run_dir"] == "/home/u/.dsfleet/runs/r1" and proc["cwd"] == paths["run_dir"]
         argv = proc["argv"]
-        # DeepSpeed's per-node launcher itself, with what `deepspeed --no_ssh --node_rank N` would pass it
-        assert argv[:4] == ["/home/u/.dsfleet/venv/bin/python", "-u", "-m", "deepspeed.launcher.launch"]
-        world = json.loads(base64.urlsafe_b64decode(argv[4].split("=", 1)[1]))
-        assert argv[4].startswith("--world_info=") and list(world.items()) == [
+        # DeepSpeed's per-node launcher's torch-free twin, with what `deepspeed --no_ssh --node_rank N` would pass
+        # launch.py
+        assert argv[:3] == ["/home/u/.dsfleet/venv/bin/python", "-u", "/home/u/.dsfleet/code/train/node_launch.py"]
+        assert paths["node_launch"] == argv[2]
+        world = json.loads(base64.urlsafe_b64decode(argv[3].split("=", 1)[1]))
+        assert argv[3].startswith("--world_info=") and list(world.items()) == [
             (x["address"], list(range(x["slots"]))) for x in plan["hosts"]]
-        assert argv[5:8] == ["--master_addr=10.1.0.11", "--master_port=29500", "--node_rank=%d" % h["node_rank"]]
-        assert argv[8] == paths["train"]
+        assert argv[4:7] == ["--master_addr=10.1.0.11", "--master_port=29500", "--node_rank=%d" % h["node_rank"]]
+        assert argv[7] == paths["train"]
         assert argv[argv.index("--keep_checkpoints") + 1] == "2" and "--resume" not in argv
         assert argv[argv.index("--max_steps") + 1] == "7" and argv[argv.index("--model") + 1] == "/m"
         assert argv[argv.index("--deepspeed_config") + 1] == paths["ds_config"]
@@ -202,7 +204,7 @@ def test_process_specs_ansible_launcher_one_deepspeed_per_host():
         assert cmds["start"]["argv"] == [paths["python"], paths["node"], "start", "--run-dir", paths["run_dir"],
                                          "--stall-timeout", "300", "--startup-timeout", "600", "--grace", "10",
                                          "--"] + argv
-        assert cmds["preflight"]["argv"][3:] == argv[9:]
+        assert cmds["preflight"]["argv"][3:] == argv[8:]
         env = proc["env"]
         assert env["PATH"] == "/home/u/.dsfleet/venv/bin:/usr/bin:/bin"
         assert (env["DS_ACCELERATOR"], env["NCCL_SOCKET_IFNAME"], env["NCCL_DEBUG"]) == ("cuda", "eth0", "INFO")
@@ -705,7 +707,7 @@ def test_each_hosts_script_starts_by_hand_what_the_ansible_launcher_starts_there
             text = scripts["nodes/%s.sh" % h["name"]]
             proc = h["node_process"]
             assert "--node_rank=%d" % h["node_rank"] in proc["argv"]
-            assert "deepspeed.launcher.launch" in proc["argv"] and "--launcher" not in proc["argv"]
+            assert h["paths"]["node_launch"] in proc["argv"] and "--launcher" not in proc["argv"]
             if launcher == "ansible":
                 assert proc["argv"] == h["process"]["argv"] and proc["env"] == h["process"]["env"]
             assert text.splitlines()[-1] == "exec " + " ".join(shlex.quote(a) for a in proc["argv"])
@@ -783,7 +785,7 @@ def test_fsdp_runs_torchrun_on_every_host_with_its_rank_devices_and_sharding():
     assert full["sizing"]["model_states_mib"] < s["model_states_mib"] and full["fsdp_sharding"] == "full"
     # DeepSpeed's plan is unchanged: its launcher, ZeRO in the ds_config
     ds = P.make_plan(hosts, {"run_id": "r"}, model=LLAMA7B)
-    assert ds["hosts"][1]["process"]["argv"][3] == "deepspeed.launcher.launch" and "--strategy" not in ds["hosts"][1][
+    assert ds["hosts"][1]["process"]["argv"][2].endswith("/node_launch.py") and "--strategy" not in ds["hosts"][1][
         "process"]["argv"] and ds["ds_config"]["zero_optimization"]["stage"] in (2, 3)
 
 
