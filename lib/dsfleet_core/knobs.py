@@ -138,9 +138,10 @@ KNOB_LIST = (
          maximum=65535),
     Knob("extra_env", dict, {}, "hosts", "extra environment for every rank, e.g. "
          "`-e '{\"extra_env\": {\"NCCL_DEBUG\": \"INFO\"}}'`"),
-    Knob("launcher", str, "ansible", "run", "`ansible`: Ansible starts DeepSpeed's node launcher (what "
-         "`deepspeed --no_ssh --node_rank N` runs; fsdp, ddp: `torchrun --node_rank N`) on every host and watches "
-         "each; `pdsh`: DeepSpeed's own multi-node runner from the master (strategy=deepspeed); `slurm`: an sbatch script rendered from the plan "
+    Knob("launcher", str, "ansible", "run", "`ansible`: Ansible starts each host's ranks as DeepSpeed's node "
+         "launcher would (what `deepspeed --no_ssh --node_rank N` runs, through `train/node_launch.py`: launch.py's "
+         "arguments and environment without its imports of deepspeed and torch; fsdp, ddp: `torchrun --node_rank "
+         "N`) on every host and watches each; `pdsh`: DeepSpeed's own multi-node runner from the master (strategy=deepspeed); `slurm`: an sbatch script rendered from the plan "
          "(`runs/<id>/job.sbatch`), submitted on the master and followed with `squeue`; each node's step runs what "
          "the ansible launcher runs there",
          choices=("ansible", "pdsh", "slurm")),
